@@ -1,0 +1,258 @@
+"""Frozen-feature evaluation of moco.py and dim.py checkpoints and of the official MoCo checkpoints.
+
+Protocols
+- `--probe linear` (default): the official MoCo linear classification protocol (facebookresearch/moco,
+  main_lincls.py): the backbone stays in eval() mode so batch-norm statistics cannot move, a linear layer
+  initialised N(0, 0.01) with zero bias, SGD lr 30, momentum 0.9, weight decay 0, lr x0.1 at epochs 60 and
+  80 of 100, batch 256; afterwards the official sanity check that every backbone tensor is unchanged.
+- `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1): one hidden layer of
+  200 units with dropout (rdevon/DIM classifier: Linear 200, Dropout 0.1, BN, ReLU, Linear), Adam lr 1e-4,
+  lr x0.1 at epochs 50 and 100, batch 64.
+- kNN (k=200, t=0.1, cosine; the MoCo CIFAR notebook) on the same features, always reported.
+
+`--aug crop` trains the probe on RandomResizedCrop + flip views through the frozen backbone every epoch (the
+official protocol for ImageNet-sized images); `--aug none` extracts the features once and trains on them
+(fast; the default for images of 64 px or less). Top-1/top-5 are on the test split (the `val` folder, the
+torchvision test split, or images 8000-9999 of the built-in data).
+
+Commands
+    python eval_linear.py --pretrained runs/moco/ckpt.pt                  # data and size from the checkpoint
+    python eval_linear.py --pretrained runs/dim/ckpt.pt --layer fc --probe mlp
+    python eval_linear.py --pretrained moco_v2_200ep_pretrain.pth.tar --data ~/imagenet
+    python eval_linear.py --pretrained runs/dim/ckpt.pt --layer y --random-init   # same encoder, random init
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+
+import moco
+from moco import UserError, arg
+
+
+@dataclass
+class Args:
+    pretrained: str = arg("", "checkpoint: moco.py, dim.py, or official MoCo ({'state_dict': module.encoder_q.*})")
+    data: str = arg(None, "image folder or torchvision root (default: the checkpoint's; built-in data if none)")
+    dataset: str = arg(None, "folder|cifar10|cifar100|stl10|fashionmnist|mnist (default: the checkpoint's)")
+    download: bool = arg(False, "let torchvision download --dataset")
+    out: str = arg("", "result JSON (default: eval_<layer>_<probe>.json next to the checkpoint)")
+    probe: str = arg("linear", "linear (official MoCo protocol) | mlp (DIM paper: 200 hidden units, dropout)")
+    layer: str = arg("backbone", "moco: backbone (the encoder without its fc head); dim: conv | fc | y")
+    epochs: int = arg(None, "probe epochs (linear 100, mlp 100)")
+    batch_size: int = arg(None, "probe batch (linear 256, mlp 64)")
+    lr: float = arg(None, "probe learning rate (linear: SGD 30, mlp: Adam 1e-4)")
+    milestones: str = arg(None, "epochs at which the lr is multiplied by 0.1 (linear 60,80; mlp 50,100)")
+    aug: str = arg("auto", "crop (RandomResizedCrop + flip each epoch) | none (cached features) | auto")
+    image_size: int = arg(None, "input size (default: the checkpoint's; 224 for official checkpoints)")
+    random_init: bool = arg(False, "evaluate the same encoder with random weights (the baseline)")
+    workers: int = arg(4, "data loader processes")
+    device: str = arg("auto", "auto|cpu|cuda")
+    seed: int = arg(0, "random seed")
+
+
+PROBE_DEFAULTS = {"linear": dict(epochs=100, batch_size=256, lr=30.0, milestones="60,80"),
+                  "mlp": dict(epochs=100, batch_size=64, lr=1e-4, milestones="50,100")}
+
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=typ, default=f.default, help=f.metadata["help"])
+    args = Args(**vars(p.parse_args(argv)))
+    if args.probe not in PROBE_DEFAULTS:
+        raise UserError(f"--probe must be linear or mlp, not {args.probe!r}")
+    for k, v in PROBE_DEFAULTS[args.probe].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoders from checkpoints
+# ----------------------------------------------------------------------------------------------------
+def moco_backbone(state, arch, stem, random_init):
+    """encoder_q without its head (fc -> Identity), loaded strictly from `state` (keys without prefix)."""
+    net = moco.build_encoder(arch, stem)
+    net.fc = nn.Identity()
+    if not random_init:
+        missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
+                                                  strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not match --arch {arch}: {len(missing)} missing keys "
+                            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    return net
+
+
+def load_encoder(args):
+    """-> (frozen encoder: images -> features, {data, dataset, image_size, stats-name or None})."""
+    if not os.path.isfile(args.pretrained):
+        raise UserError(f"--pretrained {args.pretrained!r}: no such file")
+    try:
+        ckpt = torch.load(args.pretrained, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read {args.pretrained} ({type(e).__name__}): truncated or not a checkpoint")
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{args.pretrained} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if ckpt.get("algo") == "dim":
+        import dim  # dim.py rebuilds its own encoders and taps (conv, fc, y)
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            ckpt = {**ckpt, "model": None}
+        return dim.encoder_for_eval(ckpt, args.layer), ckpt["args"]
+    if args.layer != "backbone":
+        raise UserError(f"--layer {args.layer} is for dim.py checkpoints; MoCo checkpoints use --layer backbone")
+    torch.manual_seed(args.seed)
+    if ckpt.get("algo") == "moco":
+        a = ckpt["args"]
+        state = {k[len("encoder_q."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder_q.")}
+        return moco_backbone(state, a["arch"], a["stem"], args.random_init), a
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, dict) and any(k.startswith("module.encoder_q.") for k in sd):  # official main_moco.py
+        state = {k[len("module.encoder_q."):]: v for k, v in sd.items() if k.startswith("module.encoder_q.")}
+        net = moco_backbone(state, ckpt.get("arch", "resnet50"), "imagenet", args.random_init)
+        return net, {"data": "", "dataset": "folder", "image_size": 224}
+    raise UserError(f"{args.pretrained} has no encoder: expected a moco.py/dim.py checkpoint or an official "
+                    "MoCo one with module.encoder_q.* weights")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probe training
+# ----------------------------------------------------------------------------------------------------
+def make_head(probe, dim_in, classes):
+    if probe == "linear":
+        head = nn.Linear(dim_in, classes)
+        nn.init.normal_(head.weight, 0.0, 0.01)  # main_lincls.py
+        nn.init.zeros_(head.bias)
+        return head
+    return nn.Sequential(nn.Linear(dim_in, 200), nn.Dropout(0.1), nn.BatchNorm1d(200), nn.ReLU(),
+                         nn.Linear(200, classes))
+
+
+def make_opt(args, head):
+    if args.probe == "linear":
+        return torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=0.0)
+    return torch.optim.Adam(head.parameters(), lr=args.lr)
+
+
+@torch.no_grad()
+def topk_acc(logits, y, ks=(1, 5)):
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (n, 5)
+    hit = top == y[:, None]
+    return [hit[:, :k].any(1).float().mean().item() * 100 for k in ks]
+
+
+def evaluate(args, argv_out=print):
+    device, _, _ = moco.setup_device(args)
+    encoder, ck = load_encoder(args)
+    encoder = encoder.to(device).eval()
+    for p in encoder.parameters():
+        p.requires_grad = False
+    before = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    data = moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
+                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
+    train_set, test_set, stats = moco.load_data(data)
+    if len(train_set) == 0 or len(test_set) == 0:
+        raise UserError("the training or test split is empty")
+    size = args.image_size or ck.get("image_size", 224)
+    plain = moco.test_transform(size, stats)
+    mk = lambda ds, tf, bs: moco.loader(moco.Seeded(ds, tf), bs, args.workers, device=device)
+    t0 = time.perf_counter()
+    train_f, train_y = extract(encoder, mk(train_set, plain, 512), device)
+    test_f, test_y = extract(encoder, mk(test_set, plain, 512), device)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    nf = lambda f: F.normalize(f, dim=1)
+    knn = (moco.knn_predict(nf(test_f), nf(train_f), train_y, classes) == test_y).float().mean().item() * 100
+    print(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
+          f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
+    if aug not in ("crop", "none"):
+        raise UserError(f"--aug must be crop, none or auto, not {args.aug!r}")
+    torch.manual_seed(args.seed)
+    head = make_head(args.probe, train_f.shape[1], classes).to(device)
+    opt = make_opt(args, head)
+    milestones = [int(m) for m in args.milestones.split(",") if m]
+    crop_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                         T.Normalize(*moco.MEAN_STD[stats])])
+    sampler = moco.EpochSampler(len(train_set), args.batch_size, args.seed)
+    crop_loader = moco.loader(moco.Seeded(train_set, crop_tf), args.batch_size, args.workers, sampler, device)
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        for grp in opt.param_groups:  # main_lincls.py: lr x0.1 at each milestone, set per epoch
+            grp["lr"] = args.lr * 0.1 ** sum(epoch >= m for m in milestones)
+        head.train()
+        if aug == "none":
+            perm = torch.randperm(len(train_f), generator=g).to(device)
+            batches = ((train_f[i], train_y[i]) for i in perm.split(args.batch_size))
+        else:
+            sampler.epoch = epoch
+            batches = ((encoder(x.to(device)).flatten(1), y.to(device)) for x, y in crop_loader)
+        total, n = 0.0, 0
+        for f, y in batches:
+            if len(y) < 2 and args.probe == "mlp":
+                continue
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        if not torch.isfinite(torch.tensor(total)):
+            raise UserError(f"probe loss is not finite at epoch {epoch + 1}: lower --lr")
+        if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs:
+            print(f"probe epoch {epoch + 1}/{args.epochs} loss {total / max(n, 1):.4f}", flush=True)
+    head.eval()
+    with torch.no_grad():
+        top1, top5 = topk_acc(head(test_f), test_y)
+    # main_lincls.py sanity_check: the frozen backbone (weights and BN statistics) did not change
+    for k, v in encoder.state_dict().items():
+        if not torch.equal(v, before[k]):
+            raise RuntimeError(f"sanity check failed: backbone tensor {k} changed during probe training")
+    result = dict(pretrained=args.pretrained, algo=ck.get("algo", "moco-official") if isinstance(ck, dict) else None,
+                  layer=args.layer, probe=args.probe, aug=aug, random_init=args.random_init, top1=top1, top5=top5,
+                  knn_top1=knn, feature_dim=train_f.shape[1], n_train=len(train_f), n_test=len(test_f),
+                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seconds=time.perf_counter() - t0)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
+                                   f"eval_{args.layer}_{args.probe}{'_random' if args.random_init else ''}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{args.probe} probe on {args.layer}: top-1 {top1:.2f} top-5 {top5:.2f} kNN top-1 {knn:.2f} "
+          f"(sanity check passed) -> {out}")
+    return result
+
+
+@torch.no_grad()
+def extract(encoder, data, device):
+    fs, ys = [], []
+    for x, y in data:
+        fs.append(encoder(x.to(device)).float().flatten(1))
+        ys.append(y.to(device))
+    return torch.cat(fs), torch.cat(ys)
+
+
+def main(argv=None):
+    try:
+        return evaluate(parse_args(argv))
+    except UserError as e:
+        print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower --batch-size", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

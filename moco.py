@@ -1,0 +1,830 @@
+"""Momentum Contrast (MoCo v1 and v2) in one file: CPU, one GPU, or many GPUs with torchrun.
+
+Papers: He, Fan, Wu, Xie, Girshick, "Momentum Contrast for Unsupervised Visual Representation
+Learning", CVPR 2020, arXiv 1911.05722v3 (MoCo v1). Chen, Fan, Girshick, He, "Improved Baselines with
+Momentum Contrastive Learning", arXiv 2003.04297v1 (MoCo v2). The official code (facebookresearch/moco,
+moco/builder.py, main_moco.py, colab/moco_cifar10_demo.ipynb) is followed exactly where the presets say so;
+every deviation is marked NOTE(deviation) and listed in the README.
+
+Results: see README.md (measured numbers with date, hardware, command and seeds).
+
+Commands
+    python moco.py                                   # built-in data (Fashion-MNIST test split), CPU-sized
+    python moco.py --data ~/imagenet --preset v2     # image folder, the official v2 recipe
+    python moco.py --dataset cifar10 --data ~/cifar --preset cifar --amp   # the official CIFAR-10 notebook
+    torchrun --nproc_per_node=8 moco.py --data ~/imagenet --preset v2 --bn-splits 1
+    python moco.py --resume auto                     # continue the run in --out
+    python eval_linear.py --pretrained runs/moco/ckpt.pt
+
+Deliberately left out: MoCo v3 (no queue, ViT), detectron2 export, LARS, online linear probe.
+"""
+import dataclasses
+import gzip
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageFilter
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # shared with dim.py
+    data: str = arg("", "image folder or torchvision root; empty = built-in Fashion-MNIST (data/)")
+    dataset: str = arg("folder", "folder|cifar10|cifar100|stl10|fashionmnist|mnist (torchvision data at --data)")
+    download: bool = arg(False, "let torchvision download --dataset into --data")
+    out: str = arg("runs/moco", "output folder: args.json, metrics.jsonl, ckpt.pt")
+    epochs: int = arg(200, "training epochs")
+    batch_size: int = arg(256, "global batch (all ranks together), as the official -b")
+    lr: float = arg(0.03, "base learning rate for the global batch (not rescaled by world size)")
+    workers: int = arg(4, "data loader processes per rank")
+    device: str = arg("auto", "auto|cpu|cuda")
+    seed: int = arg(0, "random seed")
+    resume: str = arg("", "checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
+    max_steps: int = arg(0, "stop after this many global optimisation steps (0 = no limit)")
+    save_every: int = arg(0, "also save a checkpoint every N steps (0 = end of epoch and end of run only)")
+    log_every: int = arg(10, "log every N steps")
+    amp: bool = arg(False, "bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing); ignored on CPU")
+    compile: bool = arg(False, "torch.compile the two encoders")
+    knn_every: int = arg(1, "kNN monitor every N epochs (0 = off)")
+    preset: str = arg("small", "small|v1|v2|cifar: named overrides, see PRESETS")
+    # MoCo                                                # paper (v1): K=65536, m=0.999, T=0.07
+    arch: str = arg("resnet50", "basic32 | a torchvision ResNet name (resnet18, resnet50, ...)")
+    stem: str = arg("imagenet", "imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool)")
+    moco_dim: int = arg(128, "feature dimension")
+    moco_k: int = arg(65536, "queue size K (any K >= global batch)")
+    moco_m: float = arg(0.999, "key-encoder momentum m")
+    moco_t: float = arg(0.07, "softmax temperature T")
+    mlp: bool = arg(False, "v2: 2-layer MLP head")
+    symmetric: bool = arg(False, "symmetric loss of the CIFAR notebook (both crops as queries)")
+    bn_splits: int = arg(1, "split batch norm into this many groups per rank (emulates that many GPUs)")
+    bn: str = arg("shuffle", "shuffle (shuffle-BN, official) | sync (SyncBatchNorm, see README caveat)")
+    fused: str = arg("auto", "auto|on|off: fused InfoNCE + enqueue from the moco_ext extension")
+    # optimisation and augmentation
+    momentum: float = arg(0.9, "SGD momentum")
+    wd: float = arg(1e-4, "weight decay")
+    schedule: str = arg("step", "step|cos learning-rate schedule, set once per epoch as the official code")
+    milestones: str = arg("120,160", "epochs at which the step schedule multiplies the lr by 0.1")
+    aug: str = arg("v1", "v1|v2|cifar augmentation")
+    crop_min: float = arg(0.2, "smallest RandomResizedCrop scale")
+    image_size: int = arg(224, "crop size")
+
+
+PRESETS = {
+    # facebookresearch/moco main_moco.py defaults; bn_splits 8 emulates the official 8 GPUs (32 images each)
+    "v1": dict(arch="resnet50", stem="imagenet", moco_dim=128, moco_k=65536, moco_m=0.999, moco_t=0.07,
+               mlp=False, lr=0.03, momentum=0.9, wd=1e-4, schedule="step", milestones="120,160",
+               epochs=200, batch_size=256, aug="v1", crop_min=0.2, image_size=224, bn_splits=8),
+    # Chen et al. 2020 (arXiv 2003.04297v1): v1 + --mlp --moco-t 0.2 --aug-plus --cos
+    "v2": dict(arch="resnet50", stem="imagenet", moco_dim=128, moco_k=65536, moco_m=0.999, moco_t=0.2,
+               mlp=True, lr=0.03, momentum=0.9, wd=1e-4, schedule="cos", milestones="120,160",
+               epochs=200, batch_size=256, aug="v2", crop_min=0.2, image_size=224, bn_splits=8),
+    # the official CIFAR-10 notebook (colab/moco_cifar10_demo.ipynb)
+    "cifar": dict(arch="resnet18", stem="cifar", moco_dim=128, moco_k=4096, moco_m=0.99, moco_t=0.1,
+                  mlp=False, lr=0.06, momentum=0.9, wd=5e-4, schedule="cos", epochs=200, batch_size=512,
+                  aug="cifar", crop_min=0.08, image_size=32, bn_splits=8, symmetric=False),
+    # ours, for the built-in data on a CPU: the notebook recipe with DIM's small 32x32 encoder
+    "small": dict(arch="basic32", stem="cifar", moco_dim=128, moco_k=4096, moco_m=0.99, moco_t=0.1,
+                  mlp=False, lr=0.06, momentum=0.9, wd=5e-4, schedule="cos", epochs=5, batch_size=256,
+                  aug="cifar", crop_min=0.2, image_size=32, bn_splits=8, workers=2),
+}
+
+
+def parse_args(argv=None):
+    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[preset], **given}), given
+
+
+# --- shared: utilities ---
+class UserError(Exception):
+    """An error the user can fix; main() prints it as one line."""
+
+
+def setup_device(args):
+    """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed + rank)
+    return device, rank, world
+
+
+def world_info():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, algo):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
+        found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
+    return ckpt
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Logger:
+    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out, enabled):
+        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
+
+    def __call__(self, text, **metrics):
+        if self.enabled:
+            print(text, flush=True)
+            if metrics:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+# --- end shared: utilities ---
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data
+# ----------------------------------------------------------------------------------------------------
+# --- shared: data ---
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # the notebook's values
+            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+            "fashionmnist": ((0.2860,) * 3, (0.3530,) * 3), "mnist": ((0.1307,) * 3, (0.3081,) * 3),
+            "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))}
+
+
+def read_idx(path):
+    """IDX file (gzip): byte 3 = number of dims, then one big-endian uint32 per dim, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        b = f.read()
+    shape = [int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(b[3])]
+    return np.frombuffer(b, np.uint8, offset=4 + 4 * b[3]).reshape(shape)
+
+
+def to_rgb(img):
+    """Any PIL image (greyscale, palette, RGBA, CMYK, 16-bit, float) -> 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        a = a / 257.0 if img.mode != "F" else a * 255.0 if a.max() <= 1.0 else a
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class ArrayData:
+    """uint8 images [N, H, W] or [N, H, W, 3] in memory, with integer labels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get(self, i):
+        return to_rgb(Image.fromarray(self.images[i])), self.labels[i]
+
+
+class FolderData:
+    """PATH/<class>/<image>; an unreadable or truncated image stops the run with its path (documented)."""
+
+    def __init__(self, root, files=None):
+        if files is None:
+            classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+            if not classes:
+                raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+            files = []
+            for c, name in enumerate(classes):
+                found = sorted(e.path for e in os.scandir(os.path.join(root, name))
+                               if e.is_file() and e.name.lower().endswith(IMG_EXT))
+                if not found:
+                    raise UserError(f"class folder {os.path.join(root, name)} has no images")
+                files += [(p, c) for p in found]
+            self.classes = classes
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def get(self, i):
+        path, y = self.files[i]
+        try:
+            with Image.open(path) as img:
+                return to_rgb(img), y
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {path} ({e}); remove or replace it")
+
+
+class TorchvisionData:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def get(self, i):
+        img, y = self.ds[i]
+        return to_rgb(img), int(y)
+
+
+def load_data(args):
+    """-> (train, test, stats name). Built-in data: the 10,000 Fashion-MNIST test images shipped in data/,
+    images 0-7999 for training (and the kNN bank), 8000-9999 for testing."""
+    if not args.data:
+        x = read_idx(os.path.join(HERE, "data", "t10k-images-idx3-ubyte.gz"))
+        y = read_idx(os.path.join(HERE, "data", "t10k-labels-idx1-ubyte.gz"))
+        return ArrayData(x[:8000], y[:8000]), ArrayData(x[8000:], y[8000:]), "fashionmnist"
+    root = os.path.expanduser(args.data)
+    if not os.path.isdir(root) and not (args.download and args.dataset != "folder"):
+        raise UserError(f"--data {args.data}: no such folder")
+    if args.dataset == "folder":
+        if os.path.isdir(os.path.join(root, "train")):
+            train = FolderData(os.path.join(root, "train"))
+            val = os.path.join(root, "val")
+            test = FolderData(val) if os.path.isdir(val) else None
+        else:
+            train, test = FolderData(root), None
+        if test is None:  # no val folder: every 10th image of each class is held out for testing
+            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9])
+            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9])
+        return train, test, "imagenet"
+    tv = torchvision.datasets
+    kw = dict(root=root, download=args.download)
+    try:
+        if args.dataset in ("cifar10", "cifar100", "fashionmnist", "mnist"):
+            cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "fashionmnist": tv.FashionMNIST,
+                   "mnist": tv.MNIST}[args.dataset]
+            train, test = cls(train=True, **kw), cls(train=False, **kw)
+        elif args.dataset == "stl10":
+            train, test = tv.STL10(split="train+unlabeled", **kw), tv.STL10(split="test", **kw)
+        else:
+            raise UserError(f"unknown --dataset {args.dataset!r}")
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise UserError(f"--dataset {args.dataset} at {root}: {str(e).splitlines()[0]} (add --download?)")
+    return TorchvisionData(train), TorchvisionData(test), args.dataset
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Applies `transform` to base.get(i) under a per-sample seed, so that augmentations depend only on
+    (seed, epoch, position) and not on the worker count: resuming mid-epoch gives identical batches."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        img, y = self.base.get(i)
+        if seed is None:
+            return self.transform(img), y
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), y
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Each epoch a permutation drawn from (seed, epoch), cut into this rank's share of full global batches
+    (drop_last, as the official DistributedSampler + drop_last), starting `skip` batches in."""
+
+    def __init__(self, n, batch, seed, rank=0, world=1):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def steps(self):
+        return self.n // (self.batch * self.world)
+
+    def __len__(self):
+        return (self.steps() - self.skip) * self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.steps() * self.batch * self.world]
+        mine = order.view(self.steps(), self.world, self.batch)[self.skip:, self.rank].reshape(-1).tolist()
+        base = (self.seed * 1000003 + self.epoch) * self.n * 2  # per-sample augmentation seeds
+        return iter([(i, base + i) for i in mine])
+
+
+def loader(ds, batch, workers, sampler=None, device=None):
+    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
+                                       num_workers=workers, pin_memory=device is not None and device.type == "cuda",
+                                       persistent_workers=False)
+# --- end shared: data ---
+
+
+class PILBlur:
+    """v2 'aug+' blur: PIL GaussianBlur with radius ~ U[0.1, 2] (moco/loader.py), drawn from torch's RNG."""
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(0.1, 2.0))))
+
+
+class TwoCrops:
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self, img):
+        return self.t(img), self.t(img)
+
+
+def test_transform(size, stats):
+    """The plain view for kNN and evaluation: resize (and centre-crop 224 of 256 for large images)."""
+    resize = [T.Resize(int(size / 0.875)), T.CenterCrop(size)] if size > 64 else [T.Resize(size), T.CenterCrop(size)]
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
+
+
+def transforms(args, stats):
+    """Training augmentation exactly as main_moco.py (v1, v2 'aug+') or the CIFAR notebook."""
+    crop = T.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0))
+    aug = {
+        "v1": [crop, T.RandomGrayscale(0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip()],
+        "v2": [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+               T.RandomApply([PILBlur()], p=0.5), T.RandomHorizontalFlip()],
+        "cifar": [crop, T.RandomHorizontalFlip(0.5), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                  T.RandomGrayscale(0.2)],
+    }[args.aug]
+    train = T.Compose(aug + [T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
+    return TwoCrops(train), test_transform(args.image_size, stats)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Encoders
+# ----------------------------------------------------------------------------------------------------
+class SplitBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training statistics are computed separately over `num_splits` groups of the batch
+    (the CIFAR notebook's SplitBatchNorm): one device behaves like num_splits GPUs for shuffle-BN.
+    Works for [N, C] and [N, C, H, W]; running statistics are the average over the groups."""
+
+    def __init__(self, num_features, num_splits=1, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x):
+        S, (N, C) = self.num_splits, x.shape[:2]
+        if not self.training or S == 1:
+            return super().forward(x)
+        if N % S:
+            raise UserError(f"per-rank batch {N} is not divisible by --bn-splits {S}")
+        # sample n*S+s goes to group s: (N, C, ...) -> (N/S, S*C, ...) is a view of a contiguous tensor
+        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)  # (S*C,)
+        y = F.batch_norm(x.reshape(N // S, S * C, *x.shape[2:]), mean, var, self.weight.repeat(S),
+                         self.bias.repeat(S), True, self.momentum, self.eps)
+        with torch.no_grad():  # running statistics: the average over the groups
+            self.running_mean.copy_(mean.view(S, C).mean(0))
+            self.running_var.copy_(var.view(S, C).mean(0))
+            self.num_batches_tracked.add_(1)
+        return y.view_as(x)
+
+
+class Basic32(nn.Module):
+    """DIM's 32x32 encoder (Hjelm et al. 2019, rdevon/DIM configs/convnets.py basic32x32): three 4x4/2 convs
+    64-128-256 with BN+ReLU, FC 1024 with BN+ReLU, then `fc` (the head, as in torchvision ResNets)."""
+
+    def __init__(self, num_classes=128, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        norm1d = nn.BatchNorm1d if norm_layer is nn.BatchNorm2d else norm_layer  # SplitBatchNorm takes 2D too
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 4, 2, 1, bias=False), norm_layer(o), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*block(3, 64), *block(64, 128), *block(128, 256), nn.AdaptiveAvgPool2d(4),
+                                      nn.Flatten(), nn.Linear(256 * 16, 1024, bias=False), norm1d(1024),
+                                      nn.ReLU(inplace=True))
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))  # (N, num_classes)
+
+
+def build_encoder(arch, stem="imagenet", bn_splits=1, sync=False, num_classes=128):
+    """base_encoder(num_classes) as in the official builder, with the notebook's CIFAR stem and split BN."""
+    norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    if arch == "basic32":
+        net = Basic32(num_classes, norm_layer=norm)
+    elif arch.startswith("resnet") or arch.startswith("wide_resnet") or arch.startswith("resnext"):
+        if not hasattr(torchvision.models, arch):
+            raise UserError(f"unknown --arch {arch!r}")
+        net = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm)
+        if stem == "cifar":  # the notebook: 3x3 stride-1 first conv and no max-pool
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+    else:
+        raise UserError(f"unknown --arch {arch!r}: basic32 or a torchvision ResNet name")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The algorithm core: InfoNCE against the queue, and the MoCo model (facebookresearch/moco builder.py)
+# ----------------------------------------------------------------------------------------------------
+def infonce_logits(q, k, queue, T):
+    """He et al. 2020 (arXiv 1911.05722v3), Eq. (1): logits [N, 1+K] of q against k+ (first) and the queue."""
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+    l_neg = torch.einsum("nc,ck->nk", q, queue)  # (N, K)
+    return torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
+
+
+def infonce_loss(q, k, queue, T):
+    """-> per-row loss L_q = -log softmax(logits)[0] (N,) and n_beat (N,): queue logits above the positive."""
+    logits = infonce_logits(q, k, queue, T)  # (N, 1+K)
+    loss = F.cross_entropy(logits, logits.new_zeros(len(q), dtype=torch.long), reduction="none")  # (N,)
+    return loss, (logits[:, 1:] > logits[:, :1]).sum(1)  # (N,), (N,)
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """all_gather + cat (no gradient), the identity on one process."""
+    rank, world = world_info()
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class MoCo(nn.Module):
+    """The official builder's model: same constructor, state-dict keys and forward, plus keyword options
+    (symmetric loss, fused op) whose defaults keep the official behaviour."""
+
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False, fused=None):
+        super().__init__()
+        self.K, self.m, self.T, self.symmetric, self.fused = K, m, T, symmetric, fused
+        self.encoder_q, self.encoder_k = base_encoder(num_classes=dim), base_encoder(num_classes=dim)
+        if mlp:  # v2: fc -> Linear(d, d) + ReLU + fc (no BN), the official keys fc.0 / fc.2
+            d = self.encoder_q.fc.weight.shape[1]
+            self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_k.fc)
+        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            pk.data.copy_(pq.data)  # theta_k starts as theta_q, and gets no gradient
+            pk.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (C, K)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        # Eq. (2): theta_k <- m * theta_k + (1 - m) * theta_q (parameters only; BN buffers are the key
+        # encoder's own, official behaviour, facebookresearch/moco#70)
+        pk = [p.data for p in self.encoder_k.parameters()]
+        torch._foreach_mul_(pk, self.m)
+        torch._foreach_add_(pk, [p.data for p in self.encoder_q.parameters()], alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _batch_shuffle(self, x):
+        """Shuffle-BN (Sec. 3.3): gather the key images of all ranks, permute them with one permutation
+        broadcast from rank 0, hand each rank its slice. On one device the permutation only matters with
+        --bn-splits > 1 (a permutation under plain BN changes nothing)."""
+        rank, world = world_info()
+        x_all = concat_all_gather(x)  # (world*N, ...)
+        idx = torch.randperm(x_all.shape[0], device=x.device)  # (world*N,)
+        if world > 1:
+            dist.broadcast(idx, src=0)
+        n = x.shape[0]
+        return x_all[idx[rank * n:(rank + 1) * n]], torch.argsort(idx)
+
+    @torch.no_grad()
+    def _batch_unshuffle(self, x, idx_unshuffle):
+        rank, n = world_info()[0], x.shape[0]
+        return concat_all_gather(x)[idx_unshuffle[rank * n:(rank + 1) * n]]
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        keys = concat_all_gather(keys)  # (B_global, C)
+        if self.fused is not None:
+            return self.fused.enqueue_(self.queue, self.queue_ptr, keys)
+        # NOTE(deviation): wrap-around write, so any K >= batch works (official: assert K % batch == 0).
+        # The pointer stays on the device: no host sync.
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
+        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
+
+    def _keys(self, im_k):
+        with torch.no_grad():
+            im_k, idx_unshuffle = self._batch_shuffle(im_k)
+            k = F.normalize(self.encoder_k(im_k).float(), dim=1)  # (N, C), fp32 under autocast
+            return self._batch_unshuffle(k, idx_unshuffle)
+
+    def forward(self, im_q, im_k, return_loss=False):
+        """Official: -> (logits [N, 1+K], labels [N] of zeros). return_loss=True (the training step):
+        -> (mean loss, top-1 and top-5 accuracy of the (K+1)-way task), symmetric and fused if so built."""
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+        if not return_loss:
+            q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # (N, C)
+            k = self._keys(im_k)  # (N, C)
+            logits = infonce_logits(q, k, self.queue.clone().detach(), self.T)  # (N, 1+K)
+            self._dequeue_and_enqueue(k)
+            return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        pairs = [(im_q, im_k), (im_k, im_q)] if self.symmetric else [(im_q, im_k)]
+        losses, beats, keys = [], [], []
+        for a, b in pairs:
+            q = F.normalize(self.encoder_q(a).float(), dim=1)  # (N, C)
+            k = self._keys(b)  # (N, C)
+            if self.fused is not None:  # no (N, 1+K) logits, and backward never reads the queue again
+                loss, n_beat = self.fused.infonce_loss(q, k, self.queue, self.T)[:2]
+            else:
+                loss, n_beat = infonce_loss(q, k, self.queue.clone().detach(), self.T)
+            losses.append(loss.mean())
+            beats.append(n_beat)
+            keys.append(k)
+        self._dequeue_and_enqueue(torch.cat(keys[::-1]))  # symmetric: enqueue [k1, k2] as the notebook
+        n_beat = torch.cat(beats)
+        return sum(losses), (n_beat == 0).float().mean() * 100, (n_beat < 5).float().mean() * 100
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Monitoring: weighted kNN on frozen features (the CIFAR notebook: k=200, t=0.1, cosine similarity)
+# ----------------------------------------------------------------------------------------------------
+# --- shared: knn ---
+@torch.no_grad()
+def extract(encode, data, device):
+    """-> L2-normalised features (M, D) and labels (M,) of a loader, in order."""
+    feats, labels = [], []
+    for x, y in data:
+        feats.append(F.normalize(encode(x.to(device, non_blocking=True)).float().flatten(1), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
+    """Wu et al. 2018 (arXiv 1805.01978v1) weighted kNN: the top-k cosine neighbours vote exp(s/t)."""
+    preds = []
+    for f in feats.split(chunk):
+        sim, idx = (f @ bank.T).topk(min(k, len(bank)), dim=1)  # (n, k)
+        votes = torch.zeros(len(f), classes, device=f.device)  # (n, classes)
+        preds.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()).argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(encode, bank_loader, test_loader, device, k=200, t=0.1):
+    bank, bank_y = extract(encode, bank_loader, device)
+    test, test_y = extract(encode, test_loader, device)
+    classes = int(max(bank_y.max(), test_y.max())) + 1
+    return (knn_predict(test, bank, bank_y, classes, k, t) == test_y).float().mean().item() * 100
+# --- end shared: knn ---
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Training loop
+# ----------------------------------------------------------------------------------------------------
+def load_fused(mode, device):
+    """The moco_ext extension (csrc/), or None for the pure-PyTorch path."""
+    if mode == "off":
+        return None
+    if mode == "on":
+        os.environ.setdefault("MOCO_EXT_JIT", "1")  # build it with ninja if it is not installed
+    elif mode != "auto":
+        raise UserError(f"--fused must be auto, on or off, not {mode!r}")
+    try:
+        import moco_ext
+        if device.type == "cuda" and not moco_ext.HAS_CUDA:
+            raise ImportError("moco_ext was built without CUDA kernels")
+        return moco_ext
+    except Exception as e:
+        if mode == "on":
+            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]}")
+        print(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
+        return None
+
+
+def adjust_lr(opt, epoch, args):
+    """main_moco.py: set once per epoch; cosine or x0.1 at each milestone."""
+    if args.schedule == "cos":
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.lr * 0.1 ** sum(epoch >= int(m) for m in args.milestones.split(",") if m)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def check_args(args, world, n_train):
+    if args.aug not in ("v1", "v2", "cifar") or args.schedule not in ("step", "cos") or args.bn not in ("shuffle", "sync"):
+        raise UserError("--aug must be v1|v2|cifar, --schedule step|cos, --bn shuffle|sync")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
+    if args.moco_k < args.batch_size:
+        raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the global batch {args.batch_size}")
+    if (args.batch_size // world) % args.bn_splits:
+        raise UserError(f"per-rank batch {args.batch_size // world} is not divisible by --bn-splits {args.bn_splits}")
+    if args.bn == "sync" and args.bn_splits > 1:
+        raise UserError("--bn sync and --bn-splits > 1 exclude each other")
+    if n_train == 0:
+        raise UserError("the training set is empty")
+    if args.batch_size > n_train:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    if args.epochs < 1 or args.moco_t <= 0:
+        raise UserError("--epochs must be >= 1 and --moco-t > 0")
+
+
+def train(argv=None):
+    args, given = parse_args(argv)
+    ckpt, path = None, os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        src = path if args.resume == "auto" else args.resume
+        if args.resume != "auto" or os.path.exists(src):
+            ckpt = load_checkpoint(src, "moco")
+            args = Args(**{**ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+    device, rank, world = setup_device(args)
+    log = Logger(args.out, rank == 0)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+        log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+        if ckpt is None and args.resume == "auto":
+            log(f"note: --resume auto found no {path}; starting fresh")
+
+    train_set, test_set, stats = load_data(args)
+    check_args(args, world, len(train_set))
+    train_tf, test_tf = transforms(args, stats)
+    per_rank = args.batch_size // world
+    sampler = EpochSampler(len(train_set), per_rank, args.seed, rank, world)
+    train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
+    bank_loader = loader(Seeded(train_set, test_tf), 512, args.workers, device=device)
+    test_loader = loader(Seeded(test_set, test_tf), 512, args.workers, device=device)
+
+    amp_dtype = None
+    if args.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif args.amp:
+        log("note: --amp is ignored on the CPU")
+    fused = load_fused(args.fused, device)
+    base = partial(build_encoder, args.arch, args.stem, args.bn_splits, args.bn == "sync" and world > 1)
+    model = MoCo(base, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric, fused)
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                          momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    epoch, pos, step = 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"], device)
+        log(f"resumed from {args.resume} at epoch {epoch} step {step}")
+    if args.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    net = model
+    if world > 1:  # the queue is identical on every rank by construction: keep DDP from re-broadcasting it
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["queue", "queue_ptr"])
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(ep, at):
+        if rank == 0:
+            save_checkpoint({"algo": "moco", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
+                             "rng": rng_state(device), "args": dataclasses.asdict(args)}, path)
+
+    steps_per_epoch = sampler.steps()
+    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    t_start, first_loss, last_loss, knn = time.perf_counter(), None, None, None
+    while step < total and epoch < args.epochs:
+        lr = adjust_lr(opt, epoch, args)
+        sampler.epoch, sampler.skip = epoch, pos
+        net.train()
+        it, t_last, wait, seen, sums = iter(train_loader), time.perf_counter(), 0.0, 0, None
+        while pos < steps_per_epoch and step < total:
+            t0 = time.perf_counter()
+            (im_q, im_k), _ = next(it)
+            wait += time.perf_counter() - t0
+            im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
+            im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, acc1, acc5 = net(im_q, im_k, return_loss=True)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step, pos, seen = step + 1, pos + 1, seen + 1
+            vals = torch.stack([loss.detach(), acc1, acc5])
+            sums = vals if sums is None else sums + vals
+            saving = args.save_every and step % args.save_every == 0
+            if step % args.log_every == 0 or saving or pos == steps_per_epoch or step == total:
+                l, a1, a5 = (sums / seen).tolist()
+                if not math.isfinite(l):
+                    raise UserError(f"loss is {l} at step {step}: stopped; the last good checkpoint ({path}) "
+                                    "is intact (try a lower --lr, or without --amp)")
+                dt = time.perf_counter() - t_last
+                first_loss, last_loss = first_loss if first_loss is not None else l, l
+                eta = (time.perf_counter() - t_start) / max(1, step - ckpt_step(ckpt)) * (total - step)
+                log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {l:.4f} acc1 {a1:.1f} "
+                    f"acc5 {a5:.1f} lr {lr:.4g} img/s {seen * args.batch_size / dt:.0f} "
+                    f"data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
+                    step=step, epoch=epoch + pos / steps_per_epoch, loss=l, acc1=a1, acc5=a5, lr=lr,
+                    img_s=seen * args.batch_size / dt, data_wait=wait / dt)
+                t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+            if saving:
+                save(epoch, pos)
+        if pos == steps_per_epoch:
+            epoch, pos = epoch + 1, 0
+            if rank == 0 and args.knn_every and epoch % args.knn_every == 0:
+                model.encoder_q.eval()  # the notebook monitors encoder_q's (normalised) output
+                knn = knn_accuracy(model.encoder_q, bank_loader, test_loader, device)
+                log(f"epoch {epoch} kNN top-1 {knn:.2f}", step=step, epoch=epoch, knn_top1=knn)
+        save(epoch, pos)
+    if rank == 0:
+        log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {first_loss} -> {last_loss}, "
+            f"kNN top-1 {knn}, checkpoint {path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def ckpt_step(ckpt):
+    return 0 if ckpt is None else ckpt["step"]
+
+
+# --- shared: main ---
+def main(argv=None):
+    try:
+        train(argv)
+    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
+        msg = str(e).strip().splitlines()[-1]
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+# --- end shared: main ---
+
+
+if __name__ == "__main__":
+    main()

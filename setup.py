@@ -1,0 +1,65 @@
+"""Build moco_ext: the fused MoCo InfoNCE / queue operators (csrc/).
+
+  pip install --no-build-isolation -e .        # or: python setup.py build_ext --inplace
+
+The CPU kernels are always built. The CUDA kernels are built whenever a CUDA toolkit is
+found (CUDA_HOME / CUDA_PATH, else the toolkit of `nvcc` on PATH), even with no GPU
+visible; FORCE_CUDA=1 makes a missing toolkit an error, USE_CUDA=0 skips CUDA.
+With no GPU visible and no TORCH_CUDA_ARCH_LIST we default to "9.0" (H100/H200).
+"""
+import os
+import shutil
+
+from setuptools import setup
+
+
+def find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # <root>/bin/nvcc, possibly behind a symlink
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+
+
+cuda_home = None if os.environ.get("USE_CUDA") == "0" else find_cuda_home()
+if os.environ.get("FORCE_CUDA") == "1" and cuda_home is None:
+    raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
+if cuda_home is not None:
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = cuda_home is not None and torch.version.cuda is not None
+if os.environ.get("FORCE_CUDA") == "1" and not with_cuda:
+    raise RuntimeError("FORCE_CUDA=1 but this torch has no CUDA support")
+if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    # torch 2.14 raises IndexError building CUDA code with no arch list and no GPU.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+here = os.path.dirname(os.path.abspath(__file__))
+sources = ["csrc/infonce.cpp", "csrc/infonce_cpu.cpp"]
+cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]  # Py_LIMITED_API is set by torch
+if with_cuda:
+    sources.append("csrc/infonce_cuda.cu")
+    ext = CUDAExtension(
+        "moco_ext._C", sources, py_limited_api=True,
+        extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
+                            "nvcc": ["-O3", "-lineinfo", "-DWITH_CUDA"]})
+else:
+    ext = CppExtension("moco_ext._C", sources, py_limited_api=True,
+                       extra_compile_args={"cxx": cxx_flags})
+print(f"moco_ext: building CPU{' + CUDA (' + cuda_home + ', arch ' + os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto') + ')' if with_cuda else ' only'}")
+
+setup(
+    name="moco_ext",
+    version="0.1.0",
+    description="Fused MoCo queue InfoNCE loss and in-place queue enqueue (PyTorch custom ops)",
+    packages=["moco_ext"],
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.9",
+)
