@@ -582,7 +582,8 @@ class MoCo(nn.Module):
         if not return_loss:
             q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # (N, C)
             k = self._keys(im_k)  # (N, C)
-            logits = infonce_logits(q, k, self.queue.clone().detach(), self.T)  # (N, 1+K)
+            with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
+                logits = infonce_logits(q, k, self.queue.clone().detach(), self.T)  # (N, 1+K)
             self._dequeue_and_enqueue(k)
             return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         pairs = [(im_q, im_k), (im_k, im_q)] if self.symmetric else [(im_q, im_k)]
@@ -590,10 +591,11 @@ class MoCo(nn.Module):
         for a, b in pairs:
             q = F.normalize(self.encoder_q(a).float(), dim=1)  # (N, C)
             k = self._keys(b)  # (N, C)
-            if self.fused is not None:  # no (N, 1+K) logits, and backward never reads the queue again
-                loss, n_beat = self.fused.infonce_loss(q, k, self.queue, self.T)[:2]
-            else:
-                loss, n_beat = infonce_loss(q, k, self.queue.clone().detach(), self.T)
+            with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
+                if self.fused is not None:  # no (N, 1+K) logits; backward never reads the queue again
+                    loss, n_beat = self.fused.infonce_loss(q, k, self.queue, self.T)[:2]
+                else:
+                    loss, n_beat = infonce_loss(q, k, self.queue.clone().detach(), self.T)
             losses.append(loss.mean())
             beats.append(n_beat)
             keys.append(k)
@@ -674,8 +676,10 @@ def check_args(args, world, n_train):
         raise UserError("--aug must be v1|v2|cifar, --schedule step|cos, --bn shuffle|sync")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
-    if args.moco_k < args.batch_size:
-        raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the global batch {args.batch_size}")
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    if args.moco_k < keys_per_step:
+        raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued per "
+                        f"step (global batch {args.batch_size}{', x2 for --symmetric' if args.symmetric else ''})")
     if (args.batch_size // world) % args.bn_splits:
         raise UserError(f"per-rank batch {args.batch_size // world} is not divisible by --bn-splits {args.bn_splits}")
     if args.bn == "sync" and args.bn_splits > 1:
@@ -799,8 +803,14 @@ def train(argv=None):
                 log(f"epoch {epoch} kNN top-1 {knn:.2f}", step=step, epoch=epoch, knn_top1=knn)
         save(epoch, pos)
     if rank == 0:
-        log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {first_loss} -> {last_loss}, "
-            f"kNN top-1 {knn}, checkpoint {path}")
+        if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
+            model.encoder_q.eval()
+            knn = knn_accuracy(model.encoder_q, bank_loader, test_loader, device)
+            log(f"step {step} kNN top-1 {knn:.2f}", step=step, epoch=epoch + pos / steps_per_epoch, knn_top1=knn)
+        loss_txt = "n/a" if first_loss is None else f"{first_loss:.4f} -> {last_loss:.4f}"
+        knn_txt = "off" if knn is None else f"{knn:.2f}"
+        log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {loss_txt}, "
+            f"kNN top-1 {knn_txt}, checkpoint {path}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -6,7 +6,7 @@
 // The logits row is l_i = [q_i.k_i, q_i.queue[:, 0..K-1]] / T and the label is 0.
 //
 // This file holds the operator schemas, the input checks, the materialising
-// logits op (ATen calls, shared by CPU and CUDA) and the CPU enqueue. The fused
+// logits op and loss fallback (ATen calls, shared by CPU and CUDA) and the CPU enqueue. The fused
 // loss lives in infonce_cpu.cpp and infonce_cuda.cu.
 #include <Python.h>
 #include <torch/library.h>
@@ -92,6 +92,22 @@ at::Tensor infonce_logits_impl(const at::Tensor& q, const at::Tensor& k,
   const auto acc = acc_dtype(q.scalar_type());
   out.select(1, 0).copy_(at::sum(q.to(acc) * k.to(acc), {1}).mul_(inv_t));
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_loss_composite(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double T) {
+  auto [N, C, K] = check_infonce_inputs(q, k, queue, T, "infonce_loss");
+  const auto acc = acc_dtype(q.scalar_type());
+  at::Tensor qa = q.to(acc), ka = k.to(acc), va = queue.to(acc);
+  at::Tensor logits = infonce_logits_impl(qa, ka, va, T);          // (N, 1+K)
+  at::Tensor pos = logits.select(1, 0);                            // (N,)
+  at::Tensor lse = at::logsumexp(logits, {1});                     // (N,)
+  at::Tensor n_beat = logits.narrow(1, 1, K).gt(pos.unsqueeze(1)).sum(1);
+  at::Tensor p = at::exp(logits - lse.unsqueeze(1));               // softmax (N, 1+K)
+  at::Tensor p0m1 = p.narrow(1, 0, 1) - 1;                         // (N, 1)
+  at::Tensor dq = at::addmm(p0m1 * ka, p.narrow(1, 1, K), va.t()).div_(T);
+  at::Tensor dk = (p0m1 * qa).div_(T);
+  return {lse - pos, n_beat, dq, dk};
 }
 
 // queue[:, (ptr + i) % K] = keys[i], then ptr = (ptr + N) % K. At most two column

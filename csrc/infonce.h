@@ -23,6 +23,11 @@ at::Tensor infonce_logits_impl(const at::Tensor& q, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_loss_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double T);
 
+// Materialising version of infonce_loss from ATen calls (any device, any float dtype):
+// the fallback where no fused kernel applies (float64 on CUDA, C too large for shared memory).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_loss_composite(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double T);
+
 // Float type used for loss / saved gradients: float for fp32/bf16/fp16, double for fp64.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -1,0 +1,838 @@
+"""Deep InfoMax (DIM) in one file: local, global and prior-matching objectives, on CPU or one GPU.
+
+Paper: Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler, Bengio, "Learning deep representations
+by mutual information estimation and maximization", ICLR 2019, arXiv 1808.06670v5. Equation numbers below are
+the paper's; the encoders follow the official code (rdevon/DIM configs/convnets.py). Every deviation is marked
+NOTE(deviation) and listed in the README.
+
+Results: see README.md (measured numbers with date, hardware, command and seeds).
+
+Commands
+    python dim.py                                       # built-in data (Fashion-MNIST test split), CPU-sized:
+                                                        # the 'small' preset = DIM(L), JSD, 3 epochs
+    python dim.py --dataset cifar10 --data ~/cifar --preset dimL --estimator nce --amp   # paper Table 1 row
+    python dim.py --dataset stl10 --data ~/stl --preset dimL --arch alex64              # 64x64 crops + flips
+    python dim.py --preset dimG --critic concat         # global DIM with the paper's concat critic
+    python dim.py --resume auto                         # continue the run in --out
+    python eval_linear.py --pretrained runs/dim/ckpt.pt --layer conv --probe mlp         # paper's probe
+
+Deliberately left out: the occlusion and coordinate-prediction variants (Table 4), MS-SSIM, MINE and NDM
+evaluation, the SVM probe, the folded "CPC-style" encoders, multi-GPU training (its own issue).
+"""
+import dataclasses
+import gzip
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # shared with moco.py
+    data: str = arg("", "image folder or torchvision root; empty = built-in Fashion-MNIST (data/)")
+    dataset: str = arg("folder", "folder|cifar10|cifar100|stl10|fashionmnist|mnist (torchvision data at --data)")
+    download: bool = arg(False, "let torchvision download --dataset into --data")
+    out: str = arg("runs/dim", "output folder: args.json, metrics.jsonl, ckpt.pt")
+    epochs: int = arg(1000, "training epochs")                                  # paper: 1000
+    batch_size: int = arg(64, "batch size")                                     # paper: 64
+    lr: float = arg(1e-4, "Adam learning rate (encoder, critics and prior discriminator)")  # paper: 1e-4
+    workers: int = arg(4, "data loader processes")
+    device: str = arg("auto", "auto|cpu|cuda")
+    seed: int = arg(0, "random seed")
+    resume: str = arg("", "checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
+    max_steps: int = arg(0, "stop after this many optimisation steps (0 = no limit)")
+    save_every: int = arg(0, "also save a checkpoint every N steps (0 = end of epoch and end of run only)")
+    log_every: int = arg(10, "log every N steps")
+    amp: bool = arg(False, "bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing); ignored on CPU")
+    compile: bool = arg(False, "torch.compile the encoder")
+    knn_every: int = arg(1, "kNN monitor (on the fc features) every N epochs (0 = off)")
+    preset: str = arg("small", "small|dimL|dimG|dimLG: named overrides, see PRESETS")
+    # DIM                                                                       # paper Eq. (8)
+    arch: str = arg("basic32", "basic32 (32x32) | alex64 (64x64) | a torchvision ResNet name (resnet18, ...)")
+    y_dim: int = arg(64, "size of the global feature Y")                        # paper: 64
+    alpha: float = arg(0.0, "weight of the global MI objective")
+    beta: float = arg(1.0, "weight of the local MI objective (mean over locations)")
+    gamma: float = arg(0.1, "weight of the prior-matching objective (0 = no discriminator)")
+    estimator: str = arg("jsd", "jsd (Eq. 4) | nce (Eq. 5) | dv (Eq. 2)")
+    critic: str = arg("dot", "dot (encode-and-dot-product) | concat (concat-and-convolve)")
+    mi_units: int = arg(2048, "width of the local encode-and-dot-product critic")  # official: 2048
+    local_samples: int = arg(0, "use this many random locations of the local map per step (0 = all)")
+    prior_gp: float = arg(0.0, "gradient penalty on the prior discriminator (official code: 1.0)")
+    # optimisation and augmentation
+    beta1: float = arg(0.5, "Adam beta1 (official code: 0.5)")
+    beta2: float = arg(0.999, "Adam beta2")
+    wd: float = arg(0.0, "weight decay")
+    aug: str = arg("auto", "none | crop (random crop + horizontal flip) | auto (crop when image-size >= 64)")
+    image_size: int = arg(0, "input size (0 = the encoder's: 32 for basic32 and ResNets, 64 for alex64)")
+
+
+PAPER = dict(epochs=1000, batch_size=64, lr=1e-4, beta1=0.5, estimator="jsd", critic="dot")
+PRESETS = {
+    # Hjelm et al. 2019, Sec. 4.2 and Eq. (8): DIM(L), DIM(G) and DIM(L+G)
+    "dimL": dict(PAPER, alpha=0.0, beta=1.0, gamma=0.1),
+    "dimG": dict(PAPER, alpha=1.0, beta=0.0, gamma=1.0),
+    "dimLG": dict(PAPER, alpha=0.5, beta=0.1, gamma=0.1),
+    # ours, for the built-in data on a CPU: DIM(L) for 3 epochs with a 512-unit critic (paper: 2048)
+    "small": dict(PAPER, alpha=0.0, beta=1.0, gamma=0.1, epochs=3, mi_units=512, workers=2),
+}
+
+
+def parse_args(argv=None):
+    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[preset], **given}), given
+
+
+# --- shared: utilities ---
+class UserError(Exception):
+    """An error the user can fix; main() prints it as one line."""
+
+
+def setup_device(args):
+    """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed + rank)
+    return device, rank, world
+
+
+def world_info():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, algo):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
+        found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
+    return ckpt
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Logger:
+    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out, enabled):
+        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
+
+    def __call__(self, text, **metrics):
+        if self.enabled:
+            print(text, flush=True)
+            if metrics:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+# --- end shared: utilities ---
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data: no augmentation for 32x32 images; random 64x64 crops and flips for 64x64 (paper Sec. 4)
+# ----------------------------------------------------------------------------------------------------
+# --- shared: data ---
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # the notebook's values
+            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+            "fashionmnist": ((0.2860,) * 3, (0.3530,) * 3), "mnist": ((0.1307,) * 3, (0.3081,) * 3),
+            "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))}
+
+
+def read_idx(path):
+    """IDX file (gzip): byte 3 = number of dims, then one big-endian uint32 per dim, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        b = f.read()
+    shape = [int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(b[3])]
+    return np.frombuffer(b, np.uint8, offset=4 + 4 * b[3]).reshape(shape)
+
+
+def to_rgb(img):
+    """Any PIL image (greyscale, palette, RGBA, CMYK, 16-bit, float) -> 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        a = a / 257.0 if img.mode != "F" else a * 255.0 if a.max() <= 1.0 else a
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class ArrayData:
+    """uint8 images [N, H, W] or [N, H, W, 3] in memory, with integer labels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def get(self, i):
+        return to_rgb(Image.fromarray(self.images[i])), self.labels[i]
+
+
+class FolderData:
+    """PATH/<class>/<image>; an unreadable or truncated image stops the run with its path (documented)."""
+
+    def __init__(self, root, files=None):
+        if files is None:
+            classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+            if not classes:
+                raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+            files = []
+            for c, name in enumerate(classes):
+                found = sorted(e.path for e in os.scandir(os.path.join(root, name))
+                               if e.is_file() and e.name.lower().endswith(IMG_EXT))
+                if not found:
+                    raise UserError(f"class folder {os.path.join(root, name)} has no images")
+                files += [(p, c) for p in found]
+            self.classes = classes
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def get(self, i):
+        path, y = self.files[i]
+        try:
+            with Image.open(path) as img:
+                return to_rgb(img), y
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {path} ({e}); remove or replace it")
+
+
+class TorchvisionData:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def get(self, i):
+        img, y = self.ds[i]
+        return to_rgb(img), int(y)
+
+
+def load_data(args):
+    """-> (train, test, stats name). Built-in data: the 10,000 Fashion-MNIST test images shipped in data/,
+    images 0-7999 for training (and the kNN bank), 8000-9999 for testing."""
+    if not args.data:
+        x = read_idx(os.path.join(HERE, "data", "t10k-images-idx3-ubyte.gz"))
+        y = read_idx(os.path.join(HERE, "data", "t10k-labels-idx1-ubyte.gz"))
+        return ArrayData(x[:8000], y[:8000]), ArrayData(x[8000:], y[8000:]), "fashionmnist"
+    root = os.path.expanduser(args.data)
+    if not os.path.isdir(root) and not (args.download and args.dataset != "folder"):
+        raise UserError(f"--data {args.data}: no such folder")
+    if args.dataset == "folder":
+        if os.path.isdir(os.path.join(root, "train")):
+            train = FolderData(os.path.join(root, "train"))
+            val = os.path.join(root, "val")
+            test = FolderData(val) if os.path.isdir(val) else None
+        else:
+            train, test = FolderData(root), None
+        if test is None:  # no val folder: every 10th image of each class is held out for testing
+            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9])
+            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9])
+        return train, test, "imagenet"
+    tv = torchvision.datasets
+    kw = dict(root=root, download=args.download)
+    try:
+        if args.dataset in ("cifar10", "cifar100", "fashionmnist", "mnist"):
+            cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "fashionmnist": tv.FashionMNIST,
+                   "mnist": tv.MNIST}[args.dataset]
+            train, test = cls(train=True, **kw), cls(train=False, **kw)
+        elif args.dataset == "stl10":
+            train, test = tv.STL10(split="train+unlabeled", **kw), tv.STL10(split="test", **kw)
+        else:
+            raise UserError(f"unknown --dataset {args.dataset!r}")
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise UserError(f"--dataset {args.dataset} at {root}: {str(e).splitlines()[0]} (add --download?)")
+    return TorchvisionData(train), TorchvisionData(test), args.dataset
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Applies `transform` to base.get(i) under a per-sample seed, so that augmentations depend only on
+    (seed, epoch, position) and not on the worker count: resuming mid-epoch gives identical batches."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        img, y = self.base.get(i)
+        if seed is None:
+            return self.transform(img), y
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), y
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Each epoch a permutation drawn from (seed, epoch), cut into this rank's share of full global batches
+    (drop_last, as the official DistributedSampler + drop_last), starting `skip` batches in."""
+
+    def __init__(self, n, batch, seed, rank=0, world=1):
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def steps(self):
+        return self.n // (self.batch * self.world)
+
+    def __len__(self):
+        return (self.steps() - self.skip) * self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.steps() * self.batch * self.world]
+        mine = order.view(self.steps(), self.world, self.batch)[self.skip:, self.rank].reshape(-1).tolist()
+        base = (self.seed * 1000003 + self.epoch) * self.n * 2  # per-sample augmentation seeds
+        return iter([(i, base + i) for i in mine])
+
+
+def loader(ds, batch, workers, sampler=None, device=None):
+    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
+                                       num_workers=workers, pin_memory=device is not None and device.type == "cuda",
+                                       persistent_workers=False)
+# --- end shared: data ---
+
+
+def test_transform(size, stats):
+    """The plain view (evaluation, kNN, and training without augmentation): resize, centre-crop, normalise."""
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
+
+
+def transforms(args, stats):
+    """-> (train, test) transforms. `crop`: STL-10's random 64x64 crops of the 96x96 image plus flips (Sec. 4);
+    other images are first resized to 1.5x the crop, the same ratio. Test images are resized to the crop."""
+    test = test_transform(args.image_size, stats)
+    if args.aug == "none":
+        return test, test
+    train = T.Compose([T.Resize(args.image_size * 3 // 2), T.RandomCrop(args.image_size), T.RandomHorizontalFlip(),
+                       T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Encoders: x -> local map C (N, C, M, M) -> conv tap -> fc tap -> Y (N, 64); Y = f(C(x)) (Sec. 3)
+# ----------------------------------------------------------------------------------------------------
+TAPS = ("local", "conv", "fc", "y")
+
+
+class Encoder(nn.Module):
+    """Four stages; forward(x, upto) returns the outputs of the stages up to `upto` as a dict."""
+
+    def __init__(self, to_local, to_conv, to_fc, to_y):
+        super().__init__()
+        self.to_local, self.to_conv, self.to_fc, self.to_y = to_local, to_conv, to_fc, to_y
+
+    def forward(self, x, upto="y"):
+        out, h = {}, x
+        for name, stage in zip(TAPS, (self.to_local, self.to_conv, self.to_fc, self.to_y)):
+            h = out[name] = stage(h)
+            if name == upto:
+                break
+        return out
+
+
+class Tap(nn.Module):
+    """images -> the features of one stage (evaluation and the kNN monitor)."""
+
+    def __init__(self, encoder, layer):
+        super().__init__()
+        self.encoder, self.layer = encoder, layer
+
+    def forward(self, x):
+        return self.encoder(x, self.layer)[self.layer]
+
+
+def conv_bn_relu(i, o, k, s, p):
+    return [nn.Conv2d(i, o, k, s, p, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+
+def fc_bn_relu(i, o):
+    return [nn.Linear(i, o, bias=False), nn.BatchNorm1d(o), nn.ReLU(inplace=True)]
+
+
+def build_encoder(arch, image_size, y_dim=64):
+    if arch == "basic32":  # rdevon/DIM _basic32x32 (paper Table 1): local map 128x8x8, conv tap 256x4x4
+        return Encoder(nn.Sequential(*conv_bn_relu(3, 64, 4, 2, 1), *conv_bn_relu(64, 128, 4, 2, 1)),
+                       nn.Sequential(*conv_bn_relu(128, 256, 4, 2, 1)),
+                       nn.Sequential(nn.Flatten(), *fc_bn_relu(256 * (image_size // 8) ** 2, 1024)),
+                       nn.Linear(1024, y_dim))
+    if arch == "alex64":  # rdevon/DIM _alex64x64 (STL-10, Tiny ImageNet): local map 384x15x15, conv tap 192x7x7
+        pool = nn.MaxPool2d(3, 2)
+        return Encoder(nn.Sequential(*conv_bn_relu(3, 96, 3, 1, 1), pool, *conv_bn_relu(96, 192, 3, 1, 1), pool,
+                                     *conv_bn_relu(192, 384, 3, 1, 1)),
+                       nn.Sequential(*conv_bn_relu(384, 384, 3, 1, 1), *conv_bn_relu(384, 192, 3, 1, 1), pool),
+                       nn.Sequential(nn.Flatten(), *fc_bn_relu(192 * 7 * 7, 4096), *fc_bn_relu(4096, 4096)),
+                       nn.Linear(4096, y_dim))
+    if arch.startswith("resnet") and hasattr(torchvision.models, arch):
+        # NOTE(deviation): a torchvision ResNet with the CIFAR stem (3x3/1 conv, no max-pool) for images up to
+        # 64 px; local map = layer3 (256x8x8 for resnet18 at 32 px), conv tap = layer4, fc = FC 1024 on the
+        # pooled layer4. The official code's ResNets differ in widths (rdevon/DIM#34).
+        net = torchvision.models.__dict__[arch]()
+        if image_size <= 64:
+            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        width = net.fc.in_features
+        return Encoder(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3),
+                       net.layer4, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *fc_bn_relu(width, 1024)),
+                       nn.Linear(1024, y_dim))
+    raise UserError(f"unknown --arch {arch!r}: basic32, alex64 or a torchvision ResNet name")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The algorithm core: MI estimators, critics, prior matching (Hjelm et al. 2019, arXiv 1808.06670v5)
+# ----------------------------------------------------------------------------------------------------
+# Every estimator takes the critic's scores split into positives pos (N, L), T(C^(l)(x_i), E(x_i)) for each
+# image i and location l, and negatives neg (N, K), T(C(x_j), E(x_i)) for j != i: the K = (N-1)L scores of
+# image i's Y against every location of the other images. It returns the loss to minimise: minus the bound.
+def jsd_loss(pos, neg):
+    """Eq. (4): I_JSD >= E_P[-sp(-T(x, E(x)))] - E_PxP~[sp(T(x', E(x)))], sp = softplus. 2 log 2 at T = 0.
+    The official code adds log 2 to each term (its loss is ours - 2 log 2, 0 at T = 0): same gradients."""
+    return F.softplus(-pos).mean() + F.softplus(neg).mean()
+
+
+def nce_loss(pos, neg):
+    """Eq. (5): I_NCE >= E_P[T(x, E(x)) - log sum_x' e^T(x', E(x))], the sum over the positive and the K
+    negatives; I(X; Y) >= log(K + 1) - loss. log(K + 1) at T = 0. NOTE(deviation): the image's own other
+    locations are left out of the sum (the official code keeps them, with their score pushed down by 10)."""
+    neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (N, 1)
+    return -(pos - torch.logaddexp(pos, neg_lse)).mean()
+
+
+def dv_loss(pos, neg):
+    """Eq. (2): I_DV >= E_J[T] - log E_M[e^T] over all positives and all negatives. 0 at T = 0.
+    (The official donsker_varadhan_loss mis-broadcasts its mask; this is the paper's formula.)"""
+    return -(pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(neg.numel())))
+
+
+ESTIMATORS = {"jsd": jsd_loss, "nce": nce_loss, "dv": dv_loss}
+
+
+def mi_loss(scores, estimator):
+    """scores (N, N, L): T(C^(l)(x_j), E(x_i)) at [i, j, l]; the diagonal i == j holds the positives."""
+    n, _, L = scores.shape
+    eye = torch.eye(n, dtype=torch.bool, device=scores.device)  # (N, N)
+    pos = scores[eye]  # (N, L)
+    neg = scores[~eye].reshape(n, (n - 1) * L)  # (N, (N-1)L): self-pairs removed, not shifted
+    return ESTIMATORS[estimator](pos, neg)
+
+
+def local_global_loss(l, g, estimator):
+    """Local DIM, Eq. (6) with the encode-and-dot-product critic T = g_i . l_{j,loc}: l (N, D, L) encoded
+    local features, g (N, D) encoded global features -> minus the bound, averaged over the L locations."""
+    return mi_loss(torch.einsum("id,jdl->ijl", g, l), estimator)  # (N, N, L) -> scalar
+
+
+class Embed1x1(nn.Module):
+    """One side of the encode-and-dot-product critic (rdevon/DIM MI1x1ConvNet): a 1x1-conv MLP n -> U -> U
+    plus a linear shortcut that starts near the identity, summed and layer-normalised over the U channels.
+    The 1x1 convolutions are written as Linear layers on (N, L, C) features (faster on the CPU)."""
+
+    def __init__(self, n_in, units):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(n_in, units, bias=False), nn.BatchNorm1d(units), nn.ReLU(),
+                                 nn.Linear(units, units))
+        self.shortcut = nn.Linear(n_in, units, bias=False)
+        with torch.no_grad():
+            self.shortcut.weight.uniform_(-0.01, 0.01)
+            self.shortcut.weight[torch.eye(units, n_in, dtype=torch.bool)] = 1.0
+        self.norm = nn.LayerNorm(units)
+
+    def forward(self, x):  # x (N, L, n_in)
+        h = x.reshape(-1, x.shape[2])  # (N*L, n_in): batch norm over images and locations, as a 1x1 conv
+        return self.norm(self.mlp(h) + self.shortcut(h)).view(x.shape[0], x.shape[1], -1)  # (N, L, U)
+
+
+class DotCritic(nn.Module):
+    """Encode-and-dot-product: T(c, y) = phi(c) . psi(y). Returns the encoded (l, g) for local_global_loss."""
+
+    def __init__(self, n_c, n_y, units):
+        super().__init__()
+        self.phi, self.psi = Embed1x1(n_c, units), Embed1x1(n_y, units)
+
+    def forward(self, c, y):  # c (N, L, C), y (N, Y)
+        return self.phi(c).transpose(1, 2), self.psi(y[:, None, :])[:, 0]  # (N, U, L), (N, U)
+
+
+class ConcatCritic(nn.Module):
+    """Concat-and-convolve (global: concat-and-MLP): T(c, y) = MLP([c; y]), 512 -> 512 -> 1 with ReLU, at every
+    location (a 1x1 conv). The first layer is split, W [c; y] = W_c c + W_y y, so all N x N pairs cost one add."""
+
+    def __init__(self, n_c, n_y, hidden=512):
+        super().__init__()
+        self.w_c, self.w_y = nn.Linear(n_c, hidden), nn.Linear(n_y, hidden, bias=False)
+        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, c, y):  # c (N, L, C), y (N, Y)
+        a = self.w_c(c)  # (N, L, H)
+        b = self.w_y(y)  # (N, H)
+        return self.rest(b[:, None, None, :] + a[None]).squeeze(-1)  # (N, N, L): scores [i (y), j (c), l]
+
+
+class DIM(nn.Module):
+    """Encoder plus the MI critics of Eq. (8). forward(x) -> ({'local': loss, 'global': loss}, Y (N, y_dim)).
+    Both objectives read the local map C: local DIM at each of its M*M locations (Eq. 6), global DIM on
+    C flattened (Eq. 3, Fig. 2). Critics are built only for objectives with a non-zero weight."""
+
+    def __init__(self, encoder, local_shape, y_dim=64, local=True, glob=False, critic="dot", units=2048):
+        super().__init__()
+        c, h, w = local_shape
+        self.encoder = encoder
+        if critic == "dot":
+            # NOTE(deviation): the global dot critic embeds flatten(C) and Y with 512-unit Embed1x1 nets (the
+            # official GlobalDIM runs a copy of the encoder's upper layers); the paper's concat MLP is --critic concat
+            self.local_critic = DotCritic(c, y_dim, units) if local else None
+            self.global_critic = DotCritic(c * h * w, y_dim, 512) if glob else None
+        else:
+            self.local_critic = ConcatCritic(c, y_dim) if local else None
+            self.global_critic = ConcatCritic(c * h * w, y_dim) if glob else None
+
+    def forward(self, x, estimator="jsd", local_samples=0):
+        f = self.encoder(x)
+        c, y = f["local"].flatten(2).transpose(1, 2), f["y"]  # (N, L = M*M, C), (N, y_dim)
+        losses = {}
+        if self.local_critic is not None:
+            if 0 < local_samples < c.shape[1]:  # the official code's local_samples: a random subset of locations
+                c_l = c[:, torch.randperm(c.shape[1], device=c.device)[:local_samples]]  # (N, S, C)
+            else:
+                c_l = c
+            losses["local"] = self._mi(self.local_critic, c_l, y, estimator)
+        if self.global_critic is not None:
+            losses["global"] = self._mi(self.global_critic, f["local"].flatten(1)[:, None], y, estimator)  # L = 1
+        return losses, y
+
+    @staticmethod
+    def _mi(critic, c, y, estimator):
+        out = critic(c, y)
+        with torch.autocast(c.device.type, enabled=False):  # scores, logsumexp and softplus in fp32
+            if isinstance(out, tuple):
+                return local_global_loss(out[0].float(), out[1].float(), estimator)
+            return mi_loss(out.float(), estimator)
+
+
+def prior_discriminator(y_dim=64):
+    """D: 1000 -> 200 -> 1 with ReLU, no BN (paper Appendix, as in the official code)."""
+    return nn.Sequential(nn.Linear(y_dim, 1000), nn.ReLU(), nn.Linear(1000, 200), nn.ReLU(), nn.Linear(200, 1))
+
+
+def prior_d_loss(d, y, gp=0.0):
+    """Eq. (7), the discriminator's side: max E_V[log D(v)] + E_P[log(1 - D(sigmoid(E(x))))], V = U[0,1]^64
+    (sigmoid on Y: Table 3 text), written as a logistic loss on D's logits. -> (loss, accuracy in %)."""
+    fake = torch.sigmoid(y.detach().float())  # (N, Y), no gradient into the encoder
+    real = torch.rand_like(fake)  # (N, Y) ~ U[0,1]^Y
+    if gp:
+        fake, real = fake.requires_grad_(), real.requires_grad_()
+    d_real, d_fake = d(real).squeeze(1).float(), d(fake).squeeze(1).float()  # (N,), (N,)
+    loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if gp:  # the official code: gp * E[|grad_v D(v)|^2] on real and fake inputs (rdevon/DIM#36)
+        grads = torch.autograd.grad(d_real.sum() + d_fake.sum(), [real, fake], create_graph=True)
+        loss = loss + gp * sum(g.pow(2).sum(1).mean() for g in grads)
+    acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) * 50
+    return loss, acc
+
+
+def prior_encoder_loss(d, y):
+    """Eq. (7), the encoder's side, non-saturating (Goodfellow et al. 2014): max E_P[log D(sigmoid(E(x)))].
+    Only the encoder's optimizer steps on it; D's gradients from it are discarded."""
+    return F.softplus(-d(torch.sigmoid(y.float())).float()).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Monitoring: weighted kNN on frozen features (k=200, t=0.1, cosine similarity, as moco.py)
+# ----------------------------------------------------------------------------------------------------
+# --- shared: knn ---
+@torch.no_grad()
+def extract(encode, data, device):
+    """-> L2-normalised features (M, D) and labels (M,) of a loader, in order."""
+    feats, labels = [], []
+    for x, y in data:
+        feats.append(F.normalize(encode(x.to(device, non_blocking=True)).float().flatten(1), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
+    """Wu et al. 2018 (arXiv 1805.01978v1) weighted kNN: the top-k cosine neighbours vote exp(s/t)."""
+    preds = []
+    for f in feats.split(chunk):
+        sim, idx = (f @ bank.T).topk(min(k, len(bank)), dim=1)  # (n, k)
+        votes = torch.zeros(len(f), classes, device=f.device)  # (n, classes)
+        preds.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()).argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(encode, bank_loader, test_loader, device, k=200, t=0.1):
+    bank, bank_y = extract(encode, bank_loader, device)
+    test, test_y = extract(encode, test_loader, device)
+    classes = int(max(bank_y.max(), test_y.max())) + 1
+    return (knn_predict(test, bank, bank_y, classes, k, t) == test_y).float().mean().item() * 100
+# --- end shared: knn ---
+
+
+def encoder_for_eval(ckpt, layer):
+    """A dim.py checkpoint dict -> frozen eval-mode module: images -> features of `layer` (conv, fc or y).
+    ckpt['model'] None keeps the random initialisation (the baseline of the same architecture)."""
+    if layer not in TAPS[1:]:
+        raise UserError(f"--layer must be conv, fc or y for a dim.py checkpoint, not {layer!r}")
+    a = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
+    encoder = build_encoder(a.arch, a.image_size, a.y_dim)
+    if ckpt.get("model") is not None:
+        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint does not match --arch {a.arch}: {str(e).splitlines()[0]}")
+    tap = Tap(encoder, layer).eval()
+    for p in tap.parameters():
+        p.requires_grad = False
+    return tap
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Training loop
+# ----------------------------------------------------------------------------------------------------
+def check_args(args, n_train):
+    if args.estimator not in ESTIMATORS or args.critic not in ("dot", "concat") or args.aug not in ("none", "crop"):
+        raise UserError("--estimator must be jsd|nce|dv, --critic dot|concat, --aug none|crop|auto")
+    if args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64:
+        raise UserError(f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}")
+    if min(args.alpha, args.beta, args.gamma) < 0 or args.alpha + args.beta == 0:
+        raise UserError("--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)")
+    if n_train == 0:
+        raise UserError("the training set is empty")
+    if args.batch_size < 2:
+        raise UserError("--batch-size must be at least 2 (the negatives come from the other images)")
+    if args.batch_size > n_train:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    if args.epochs < 1:
+        raise UserError("--epochs must be >= 1")
+
+
+def resolve(args):
+    """Fill in the automatic values, so that args.json and the checkpoint hold the numbers actually used."""
+    size = args.image_size or (64 if args.arch == "alex64" else 32)
+    aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
+    return dataclasses.replace(args, image_size=size, aug=aug)
+
+
+def train(argv=None):
+    args, given = parse_args(argv)
+    ckpt, path = None, os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        src = path if args.resume == "auto" else args.resume
+        if args.resume != "auto" or os.path.exists(src):
+            ckpt = load_checkpoint(src, "dim")
+            args = Args(**{**ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+    args = resolve(args)
+    device, rank, world = setup_device(args)
+    if world > 1:
+        raise UserError("dim.py runs on one process for now (multi-GPU DIM has its own issue)")
+    log = Logger(args.out, rank == 0)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+    if ckpt is None and args.resume == "auto":
+        log(f"note: --resume auto found no {path}; starting fresh")
+
+    train_set, test_set, stats = load_data(args)
+    check_args(args, len(train_set))
+    train_tf, test_tf = transforms(args, stats)
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed)
+    train_loader = loader(Seeded(train_set, train_tf), args.batch_size, args.workers, sampler, device)
+    bank_loader = loader(Seeded(train_set, test_tf), 512, args.workers, device=device)
+    test_loader = loader(Seeded(test_set, test_tf), 512, args.workers, device=device)
+
+    amp_dtype = None
+    if args.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif args.amp:
+        log("note: --amp is ignored on the CPU")
+    encoder = build_encoder(args.arch, args.image_size, args.y_dim)
+    with torch.no_grad():
+        local_shape = encoder.eval()(torch.zeros(2, 3, args.image_size, args.image_size), "local")["local"].shape[1:]
+    model = DIM(encoder.train(), local_shape, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units)
+    prior = prior_discriminator(args.y_dim)
+    model, prior = model.to(device), prior.to(device)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
+    opt = torch.optim.Adam(model.parameters(), **adam)
+    opt_prior = torch.optim.Adam(prior.parameters(), **adam)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    epoch, pos, step = 0, 0, 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            prior.load_state_dict(ckpt["prior"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint does not match these settings (--arch, --alpha/--beta, --critic): "
+                            f"{str(e).splitlines()[0]}")
+        opt.load_state_dict(ckpt["optimizer"])
+        opt_prior.load_state_dict(ckpt["prior_optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"], device)
+        log(f"resumed from {args.resume} at epoch {epoch} step {step}")
+    if args.compile:
+        model.encoder.compile()
+
+    def save(ep, at):
+        save_checkpoint({"algo": "dim", "model": model.state_dict(), "prior": prior.state_dict(),
+                         "optimizer": opt.state_dict(), "prior_optimizer": opt_prior.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
+                         "rng": rng_state(device), "args": dataclasses.asdict(args)}, path)
+
+    steps_per_epoch = sampler.steps()
+    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
+    names = ["loss", "local", "global", "prior", "d_loss", "d_acc"]
+    t_start, first_loss, last_loss, knn = time.perf_counter(), None, None, None
+    while step < total and epoch < args.epochs:
+        sampler.epoch, sampler.skip = epoch, pos
+        model.train()
+        it, t_last, wait, seen, sums = iter(train_loader), time.perf_counter(), 0.0, 0, None
+        while pos < steps_per_epoch and step < total:
+            t0 = time.perf_counter()
+            x, _ = next(it)
+            wait += time.perf_counter() - t0
+            x = x.to(device, non_blocking=True)
+            zero = torch.zeros((), device=device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                mi, y = model(x, args.estimator, args.local_samples)
+                mi_local, mi_global = mi.get("local", zero), mi.get("global", zero)
+                d_loss, d_acc, prior_loss = zero, zero, zero
+                if args.gamma > 0:  # Eq. (7): one discriminator step on this batch's Y, then the encoder's
+                    d_loss, d_acc = prior_d_loss(prior, y, args.prior_gp)
+                    opt_prior.zero_grad(set_to_none=True)
+                    d_loss.backward()
+                    opt_prior.step()
+                    prior_loss = prior_encoder_loss(prior, y)
+                # Eq. (8): alpha * global + beta * local + gamma * prior (each a loss to minimise)
+                loss = args.alpha * mi_global + args.beta * mi_local + args.gamma * prior_loss
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step, pos, seen = step + 1, pos + 1, seen + 1
+            vals = torch.stack([loss, mi_local, mi_global, prior_loss, d_loss, d_acc]).detach().float()
+            sums = vals if sums is None else sums + vals
+            saving = args.save_every and step % args.save_every == 0
+            if step % args.log_every == 0 or saving or pos == steps_per_epoch or step == total:
+                m = dict(zip(names, (sums / seen).tolist()))
+                if not math.isfinite(m["loss"]):
+                    raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint ({path}) "
+                                    "is intact (try a lower --lr, --estimator jsd, or without --amp)")
+                dt = time.perf_counter() - t_last
+                first_loss, last_loss = first_loss if first_loss is not None else m["loss"], m["loss"]
+                eta = (time.perf_counter() - t_start) / max(1, step - (ckpt["step"] if ckpt else 0)) * (total - step)
+                log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {m['loss']:.4f} local {m['local']:.4f} "
+                    f"global {m['global']:.4f} prior {m['prior']:.3f} d_acc {m['d_acc']:.1f} lr {args.lr:.4g} "
+                    f"img/s {seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
+                    step=step, epoch=epoch + pos / steps_per_epoch, **m, lr=args.lr,
+                    img_s=seen * args.batch_size / dt, data_wait=wait / dt)
+                t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+            if saving:
+                save(epoch, pos)
+        if pos == steps_per_epoch:
+            epoch, pos = epoch + 1, 0
+            if args.knn_every and epoch % args.knn_every == 0:
+                knn = knn_accuracy(Tap(model.encoder, "fc").eval(), bank_loader, test_loader, device)
+                log(f"epoch {epoch} kNN top-1 (fc) {knn:.2f}", step=step, epoch=epoch, knn_top1=knn)
+        save(epoch, pos)
+    log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {first_loss} -> {last_loss}, "
+        f"kNN top-1 (fc) {knn}, checkpoint {path}")
+
+
+# --- shared: main ---
+def main(argv=None):
+    try:
+        train(argv)
+    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
+        msg = str(e).strip().splitlines()[-1]
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+# --- end shared: main ---
+
+
+if __name__ == "__main__":
+    main()

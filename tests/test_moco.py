@@ -1,0 +1,368 @@
+"""Tests for moco.py: the algorithm core against naive references, then the script end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_linear
+import moco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--epochs", "1", "--batch-size", "32", "--moco-k", "96", "--bn-splits", "4", "--workers", "0",
+        "--knn-every", "0", "--log-every", "1"]
+
+
+def tiny_model(K=24, dim=16, fused=None, symmetric=False, bn_splits=1, m=0.99, seed=0):
+    torch.manual_seed(seed)
+    base = partial(moco.build_encoder, "basic32", "cifar", bn_splits)
+    return moco.MoCo(base, dim=dim, K=K, m=m, T=0.2, symmetric=symmetric, fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Algorithm core
+# ----------------------------------------------------------------------------------------------------
+def test_logits_and_loss_match_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    N, C, K, T = 5, 7, 11, 0.07
+    q, k = torch.randn(N, C, generator=g, dtype=torch.float64), torch.randn(N, C, generator=g, dtype=torch.float64)
+    queue = torch.randn(C, K, generator=g, dtype=torch.float64)
+    logits = moco.infonce_logits(q, k, queue, T)
+    loss, n_beat = moco.infonce_loss(q, k, queue, T)
+    for i in range(N):
+        row = [sum(q[i, c] * k[i, c] for c in range(C)) / T]
+        row += [sum(q[i, c] * queue[c, j] for c in range(C)) / T for j in range(K)]
+        row = torch.stack(row)
+        assert torch.allclose(logits[i], row)
+        # Eq. (1): L_q = -log exp(q.k+/T) / sum_i exp(q.k_i/T)
+        assert math.isclose(loss[i].item(), -(row[0].exp() / row.exp().sum()).log().item(), rel_tol=1e-10)
+        assert n_beat[i].item() == int((row[1:] > row[0]).sum())
+
+
+def test_initial_loss_is_log_k_plus_1_for_uninformative_features():
+    # with T large, every logit is ~equal and the loss is ln(K+1), the chance level of the (K+1)-way task
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(64, 128), dim=1), F.normalize(torch.randn(64, 128), dim=1)
+    queue = F.normalize(torch.randn(128, 4096), dim=0)
+    loss, _ = moco.infonce_loss(q, k, queue, T=100.0)
+    assert abs(loss.mean().item() - math.log(4097)) < 1e-3
+
+
+@pytest.mark.parametrize("K", [24, 25, 37])
+def test_queue_wraps_around_for_any_k(K):
+    model = tiny_model(K=K, dim=4)
+    ref = model.queue.clone()
+    ptr = 0
+    g = torch.Generator().manual_seed(K)
+    for n in [5, 8, 1, K, 7, 3, 11, 8, 8]:
+        keys = torch.randn(n, 4, generator=g)
+        model._dequeue_and_enqueue(keys)
+        for i in range(n):
+            ref[:, (ptr + i) % K] = keys[i]
+        ptr = (ptr + n) % K
+        assert torch.equal(model.queue, ref)
+        assert model.queue_ptr.item() == ptr and model.queue_ptr.dtype == torch.long
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5, 1.0])
+def test_momentum_update(m):
+    model = tiny_model(m=m)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.encoder_k.parameters()]
+    model._momentum_update_key_encoder()
+    for pk, pq, b in zip(model.encoder_k.parameters(), model.encoder_q.parameters(), before):
+        assert torch.allclose(pk, m * b + (1 - m) * pq, atol=1e-6)  # Eq. (2)
+        assert not pk.requires_grad
+
+
+def test_shuffle_then_unshuffle_is_identity():
+    model = tiny_model()
+    x = torch.randn(12, 3, 2, 2)
+    shuffled, idx_un = model._batch_shuffle(x)
+    assert not torch.equal(shuffled, x) and torch.equal(shuffled.sum(0), shuffled.sum(0))
+    assert torch.equal(model._batch_unshuffle(shuffled, idx_un), x)
+
+
+def test_split_batchnorm_equals_separate_groups():
+    torch.manual_seed(0)
+    S, C = 4, 6
+    bn = moco.SplitBatchNorm(C, num_splits=S)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(16, C, 3, 3) * 3 + 1
+    y = bn(x)
+    refs = [nn.BatchNorm2d(C) for _ in range(S)]
+    for s, r in enumerate(refs):
+        r.load_state_dict({k: v for k, v in bn.state_dict().items()}, strict=False)
+        r.running_mean.zero_()
+        r.running_var.fill_(1)
+        with torch.no_grad():
+            r.weight.copy_(bn.weight)
+            r.bias.copy_(bn.bias)
+        assert torch.allclose(y[s::S], r(x[s::S]), atol=1e-5)  # sample n*S+s is in group s
+    assert torch.allclose(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0), atol=1e-6)
+    bn.eval()
+    plain = nn.BatchNorm2d(C).eval()
+    plain.load_state_dict(bn.state_dict())
+    assert torch.allclose(bn(x), plain(x))
+
+
+def test_forward_official_and_training_step_agree():
+    """forward() returns the official (logits, labels); return_loss=True gives the same loss and the queue
+    ends up the same (fp64-free check on a tiny encoder, identical seeds)."""
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    a, b = tiny_model(), tiny_model()
+    torch.manual_seed(1)
+    logits, labels = a(x1, x2)
+    torch.manual_seed(1)
+    loss, acc1, acc5 = b(x1, x2, return_loss=True)
+    assert logits.shape == (8, 1 + 24) and torch.equal(labels, torch.zeros(8, dtype=torch.long))
+    assert torch.allclose(F.cross_entropy(logits, labels), loss, atol=1e-6)
+    top5 = logits.topk(5, dim=1).indices
+    assert math.isclose(acc1.item(), (top5[:, 0] == 0).float().mean().item() * 100, abs_tol=1e-4)
+    assert math.isclose(acc5.item(), (top5 == 0).any(1).float().mean().item() * 100, abs_tol=1e-4)
+    assert torch.equal(a.queue, b.queue) and a.queue_ptr.item() == b.queue_ptr.item() == 8
+
+
+def test_symmetric_loss_enqueues_both_key_sets():
+    model = tiny_model(K=40, symmetric=True)
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    loss, _, _ = model(x1, x2, return_loss=True)
+    assert model.queue_ptr.item() == 16
+    # loss_12 + loss_21 (the notebook): with identical views both halves are equal
+    model2 = tiny_model(K=40, symmetric=True)
+    loss_same, _, _ = model2(x1, x1.clone(), return_loss=True)
+    ref = tiny_model(K=40)
+    loss_one, _, _ = ref(x1, x1.clone(), return_loss=True)
+    assert torch.allclose(loss_same, 2 * loss_one, atol=1e-5)
+    assert torch.isfinite(loss)
+
+
+def test_no_gradient_reaches_key_encoder_or_queue():
+    model = tiny_model()
+    loss, _, _ = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), return_loss=True)
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------------
+def run_main(argv, capsys):
+    """moco.main in this process -> (exit code, stdout, stderr)."""
+    try:
+        moco.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_presets_reproduce_official_recipes():
+    v1, _ = moco.parse_args(["--preset", "v1"])
+    assert (v1.arch, v1.moco_dim, v1.moco_k, v1.moco_m, v1.moco_t, v1.lr, v1.momentum, v1.wd, v1.milestones,
+            v1.epochs, v1.batch_size, v1.aug, v1.mlp, v1.schedule) == \
+        ("resnet50", 128, 65536, 0.999, 0.07, 0.03, 0.9, 1e-4, "120,160", 200, 256, "v1", False, "step")
+    v2, _ = moco.parse_args(["--preset", "v2"])
+    assert (v2.mlp, v2.moco_t, v2.aug, v2.schedule, v2.moco_k, v2.lr) == (True, 0.2, "v2", "cos", 65536, 0.03)
+    c, _ = moco.parse_args(["--preset", "cifar"])
+    assert (c.arch, c.stem, c.moco_k, c.moco_m, c.moco_t, c.lr, c.batch_size, c.wd, c.schedule, c.bn_splits) == \
+        ("resnet18", "cifar", 4096, 0.99, 0.1, 0.06, 512, 5e-4, "cos", 8)
+    over, given = moco.parse_args(["--preset", "v2", "--moco-k", "1000", "--no-mlp"])
+    assert over.moco_k == 1000 and over.mlp is False and over.moco_t == 0.2 and given["moco_k"] == 1000
+
+
+def test_v2_mlp_head_has_official_keys():
+    model = moco.MoCo(partial(moco.build_encoder, "resnet18"), dim=128, K=256, mlp=True)
+    keys = model.state_dict().keys()
+    assert {"encoder_q.fc.0.weight", "encoder_q.fc.2.weight", "encoder_k.fc.0.bias", "queue", "queue_ptr"} <= set(keys)
+    assert model.encoder_q.fc[0].weight.shape == (512, 512)
+
+
+def test_learning_raises_instance_discrimination_accuracy(tmp_path, capsys):
+    """A short run on the built-in data raises encoder_q's view-retrieval accuracy on held-out images
+    (query = one augmented view, the key set = the other views of 256 test images) above its value at
+    initialisation (the same seed builds the same initial weights)."""
+    out = str(tmp_path / "run")
+    code, _, err = run_main(["--out", out, "--max-steps", "40", "--batch-size", "64", "--moco-k", "1024",
+                             "--workers", "0", "--knn-every", "0", "--log-every", "20", "--lr", "0.06"], capsys)
+    assert code == 0, err
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    args = moco.Args(**ckpt["args"])
+    train, test, stats = moco.load_data(args)
+    tf, _ = moco.transforms(args, stats)
+    torch.manual_seed(123)
+    pairs = [tf(test.get(i)[0]) for i in range(256)]
+    v1, v2 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def retrieval(state):
+        torch.manual_seed(args.seed)
+        net = moco.build_encoder(args.arch, args.stem, 1, num_classes=args.moco_dim)
+        if state is not None:
+            net.load_state_dict(state)
+        net.eval()
+        with torch.no_grad():
+            a, b = F.normalize(net(v1), dim=1), F.normalize(net(v2), dim=1)
+        return ((a @ b.T).argmax(1) == torch.arange(256)).float().mean().item()
+
+    trained = retrieval({k[10:]: v for k, v in ckpt["model"].items() if k.startswith("encoder_q.")})
+    init = retrieval(None)
+    assert trained > init + 0.05, (init, trained)
+
+
+def test_end_to_end_then_eval_linear(tmp_path):
+    """The real command line: moco.py on an image folder, then eval_linear.py on its checkpoint."""
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "moco.py", "--out", out, "--max-steps", "3", "--batch-size", "32",
+                        "--moco-k", "100", "--workers", "0", "--log-every", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "done: 3 steps" in r.stdout and "kNN top-1" in r.stdout
+    lines = [json.loads(s) for s in open(os.path.join(out, "metrics.jsonl"))]
+    logged = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert {"epoch", "loss", "acc1", "acc5", "lr", "img_s"} <= set(logged[0])
+    assert any("knn_top1" in m for m in lines)
+    saved = json.load(open(os.path.join(out, "args.json")))
+    assert saved["moco_k"] == 100 and saved["arch"] == "basic32"
+    r = subprocess.run([sys.executable, "eval_linear.py", "--pretrained", os.path.join(out, "ckpt.pt"),
+                        "--epochs", "2", "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "sanity check passed" in r.stdout
+    res = json.load(open(os.path.join(out, "eval_backbone_linear.json")))
+    assert res["n_train"] == 8000 and res["n_test"] == 2000 and res["feature_dim"] == 1024
+    assert 10.0 < res["top1"] <= 100.0 and res["top5"] >= res["top1"]
+
+
+def run_moco(argv, workers):
+    args = TINY + ["--workers", str(workers)]
+    code = subprocess.run([sys.executable, "moco.py"] + args + argv, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert code.returncode == 0, code.stderr
+    return code.stdout
+
+
+def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
+    """120 images, batch 32: 3 steps per epoch. 8 steps straight == 4 steps, stop, resume to 8 (mid-epoch,
+    across an epoch end, with a different number of data workers)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--data", image_folder, "--epochs", "3", "--knn-every", "1"]
+    run_moco(common + ["--out", a, "--max-steps", "8"], workers=0)
+    run_moco(common + ["--out", b, "--max-steps", "4"], workers=0)
+    out = run_moco(common + ["--out", b, "--max-steps", "8", "--resume", "auto"], workers=2)
+    assert "resumed" in out
+    ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
+    assert ca["step"] == cb["step"] == 8 and ca["epoch"] == cb["epoch"] == 2 and cb["step_in_epoch"] == 2
+    for key, va in ca["model"].items():
+        assert torch.equal(va, cb["model"][key]), key
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    la = [json.loads(s)["loss"] for s in open(os.path.join(a, "metrics.jsonl")) if '"loss"' in s]
+    lb = [json.loads(s)["loss"] for s in open(os.path.join(b, "metrics.jsonl")) if '"loss"' in s]
+    assert la == lb
+
+
+def test_official_checkpoint_loads_in_eval_linear(tmp_path):
+    torch.manual_seed(0)
+    model = moco.MoCo(partial(moco.build_encoder, "resnet18"), dim=128, K=256)
+    sd = {"module." + k: v for k, v in model.state_dict().items()}
+    path = str(tmp_path / "checkpoint_0199.pth.tar")
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, path)
+    args = eval_linear.parse_args(["--pretrained", path])
+    net, meta = eval_linear.load_encoder(args)
+    got = net.state_dict()
+    for k, v in model.encoder_q.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(got[k], v), k
+    assert isinstance(net.fc, nn.Identity) and meta["image_size"] == 224
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    moco.save_checkpoint({"algo": "moco", "step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        moco.save_checkpoint({"algo": "moco", "step": 2}, path)
+    monkeypatch.undo()
+    assert moco.load_checkpoint(path, "moco")["step"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "no such folder"),
+    (["--moco-k", "16"], "smaller than the 32 keys"),
+    (["--moco-k", "48", "--symmetric"], "x2 for --symmetric"),
+    (["--bn-splits", "5"], "not divisible by --bn-splits"),
+    (["--preset", "v9"], "unknown --preset"),
+    (["--fused", "maybe"], "--fused must be"),
+    (["--arch", "vgg16"], "unknown --arch"),
+    (["--device", "gpu"], "--device must be"),
+    (["--resume", "/no/such/ckpt.pt"], "does not exist"),
+    (["--moco-t", "0"], "--moco-t > 0"),
+])
+def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o")] + argv, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_folder_errors(tmp_path, capsys, image_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o"), "--data", str(empty)], capsys)
+    assert code == 2 and "no class folders" in err
+    (empty / "cat").mkdir()
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o"), "--data", str(empty)], capsys)
+    assert code == 2 and "has no images" in err
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o"), "--data", image_folder, "--batch-size", "128",
+                                    "--moco-k", "256"], capsys)
+    assert code == 2 and "larger than the training set" in err
+
+
+def test_corrupt_image_is_named(tmp_path, capsys, image_folder):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "class0" / "000.png").write_bytes(b"not an image")
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o"), "--data", str(data), "--knn-every", "1"], capsys)
+    assert code == 2 and "000.png" in err and err.count("\n") == 1, err
+
+
+def test_wrong_or_truncated_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "dim.pt"
+    torch.save({"algo": "dim", "args": {}}, bad)
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o"), "--resume", str(bad)], capsys)
+    assert code == 2 and "not a moco.py checkpoint" in err
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(b"PK\x03\x04garbage")
+    code, _, err = run_main(TINY + ["--out", str(tmp_path / "o"), "--resume", str(trunc)], capsys)
+    assert code == 2 and "truncated or not a checkpoint" in err
+    with pytest.raises(SystemExit) as e:
+        eval_linear.main(["--pretrained", str(tmp_path / "missing.pt")])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, _, err = run_main(TINY + ["--out", out, "--max-steps", "2"], capsys)
+    assert code == 0, err
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    code, _, err = run_main(TINY + ["--out", out, "--resume", "auto", "--max-steps", "4", "--lr", "1e30"], capsys)
+    assert code == 2 and ("loss is nan" in err.lower() or "loss is inf" in err.lower()), err
+    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert after["step"] == before["step"] == 2
