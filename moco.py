@@ -375,9 +375,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def loader(ds, batch, workers, sampler=None, device=None):
+    # its own generator: starting an epoch must not draw from the global RNG, or a resumed run would differ
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
                                        num_workers=workers, pin_memory=device is not None and device.type == "cuda",
-                                       persistent_workers=False)
+                                       persistent_workers=False, generator=torch.Generator().manual_seed(0))
 # --- end shared: data ---
 
 

@@ -23,6 +23,19 @@ def find_cuda_home():
     return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
 
 
+def pip_cuda_includes(cuda_home):
+    """A slim toolkit (nvcc + cudart only) lacks headers that torch's CUDA headers include
+    (cusparse.h, cublas_v2.h, ...). Take them from the nvidia-* wheels torch installed,
+    searched after the toolkit's own directory (-isystem). Same helper in moco_ext/__init__.py."""
+    if cuda_home is None or os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec else []
+    return [os.path.join(r, d, "include") for r in roots for d in sorted(os.listdir(r))
+            if os.path.exists(os.path.join(r, d, "include", "cusparse.h"))]
+
+
 cuda_home = None if os.environ.get("USE_CUDA") == "0" else find_cuda_home()
 if os.environ.get("FORCE_CUDA") == "1" and cuda_home is None:
     raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
@@ -44,10 +57,11 @@ sources = ["csrc/infonce.cpp", "csrc/infonce_cpu.cpp"]
 cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]  # Py_LIMITED_API is set by torch
 if with_cuda:
     sources.append("csrc/infonce_cuda.cu")
+    sys_inc = [f for d in pip_cuda_includes(cuda_home) for f in ("-isystem", d)]
     ext = CUDAExtension(
         "moco_ext._C", sources, py_limited_api=True,
-        extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"],
-                            "nvcc": ["-O3", "-lineinfo", "-DWITH_CUDA"]})
+        extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"] + sys_inc,
+                            "nvcc": ["-O3", "-lineinfo", "-DWITH_CUDA"] + sys_inc})
 else:
     ext = CppExtension("moco_ext._C", sources, py_limited_api=True,
                        extra_compile_args={"cxx": cxx_flags})

@@ -165,7 +165,7 @@ __global__ void positive_kernel(const T* __restrict__ q, const T* __restrict__ k
 // One block: rows [64*blockIdx.x, +64) against queue tiles [tile0, tile1) of split blockIdx.y.
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kThreads) partials_kernel(
-    const T* __restrict__ q, const T* __restrict__ queue, int64_t qs0, int64_t qs1,
+    const T* __restrict__ q, const T* __restrict__ queue, int64_t qs0, int64_t qs1, bool vec,
     const float* __restrict__ pos, float inv_t, int N, int C, int K, int tiles_per_split,
     float* __restrict__ part_m, float* __restrict__ part_l, int* __restrict__ part_cnt,
     float* __restrict__ part_o) {
@@ -200,10 +200,19 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(
   for (int tile = tile0; tile < tile1; ++tile) {
     const int col0 = tile * BK, valid = min(BK, K - col0);
     __syncthreads();  // the previous tile is finished with Vs and Ps
-    for (int idx = threadIdx.x; idx < CP * BK; idx += kThreads) {  // coalesced along K
-      const int c = idx / BK, j = idx % BK;
-      const bool in = c < C && j < valid;
-      Vs[c * L.ldv + j] = from_f<M>(in ? to_f(queue[c * qs0 + (col0 + j) * qs1]) : 0.f);
+    if (vec && valid == BK) {  // 16-byte loads of a full tile (M == T here)
+      constexpr int V = 16 / sizeof(T);
+      for (int idx = threadIdx.x; idx < CP * (BK / V); idx += kThreads) {
+        const int c = idx / (BK / V), j = idx % (BK / V) * V;
+        *reinterpret_cast<uint4*>(Vs + c * L.ldv + j) =
+            c < C ? *reinterpret_cast<const uint4*>(queue + c * qs0 + col0 + j) : uint4{0, 0, 0, 0};
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < CP * BK; idx += kThreads) {  // coalesced along K
+        const int c = idx / BK, j = idx % BK;
+        const bool in = c < C && j < valid;
+        Vs[c * L.ldv + j] = from_f<M>(in ? to_f(queue[c * qs0 + (col0 + j) * qs1]) : 0.f);
+      }
     }
     __syncthreads();
     tile_scores<MODE, M, BK>(Qs, Vs, Ss, L, CP);
@@ -320,9 +329,13 @@ void launch_loss(const at::Tensor& q, const at::Tensor& k, const at::Tensor& que
   at::Tensor part_m = at::empty({splits, N}, f32), part_l = at::empty({splits, N}, f32);
   at::Tensor part_o = at::empty({splits, N, C}, f32);
   at::Tensor part_cnt = at::empty({splits, N}, q.options().dtype(at::kInt));
+  // 16-byte loads need a unit stride along K, aligned rows and an aligned base.
+  const int64_t V = 16 / sizeof(T);
+  const bool vec = queue.stride(1) == 1 && queue.stride(0) % V == 0 &&
+                   reinterpret_cast<uintptr_t>(queue.data_ptr()) % 16 == 0;
   if (splits > 0) {
     kernel<<<dim3(row_blocks, splits), kThreads, L.bytes, stream>>>(
-        qp, reinterpret_cast<const T*>(queue.data_ptr()), queue.stride(0), queue.stride(1),
+        qp, reinterpret_cast<const T*>(queue.data_ptr()), queue.stride(0), queue.stride(1), vec,
         pos.data_ptr<float>(), inv_t, N, C, K, tiles_per_split, part_m.data_ptr<float>(),
         part_l.data_ptr<float>(), part_cnt.data_ptr<int>(), part_o.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -7,10 +7,25 @@
 q, k: [N, C]; queue: [C, K] (MoCo's buffer); ptr: int64 [1] on the queue's device.
 n_beat[i] = number of negatives whose logit is strictly above the positive's, so
 acc@1 = (n_beat == 0), acc@5 = (n_beat < 5). See csrc/README.md.
+
+Loading: the compiled moco_ext._C (pip install --no-build-isolation -e .), else, with
+MOCO_EXT_JIT=1, a ninja build of csrc/ on import (CUDA kernels included when a GPU is
+visible and a toolkit is found, or with FORCE_CUDA=1).
 """
 import os
 
 import torch
+
+
+def _pip_cuda_includes(cuda_home):
+    # Same helper as setup.py: headers a slim toolkit lacks, from the nvidia-* wheels.
+    if cuda_home is None or os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec else []
+    return [os.path.join(r, d, "include") for r in roots for d in sorted(os.listdir(r))
+            if os.path.exists(os.path.join(r, d, "include", "cusparse.h"))]
 
 
 def _jit_build():
@@ -19,12 +34,20 @@ def _jit_build():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     csrc = os.path.join(root, "csrc")
     sources = [os.path.join(csrc, f) for f in ("infonce.cpp", "infonce_cpu.cpp")]
-    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    cflags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]
+    cuda_flags = ["-O3", "-lineinfo"]
+    with_cuda = (cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+                 and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"))
     if with_cuda:
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # torch fails with no GPU and no list
         sources.append(os.path.join(csrc, "infonce_cuda.cu"))
+        inc = [f for d in _pip_cuda_includes(cpp_extension.CUDA_HOME) for f in ("-isystem", d)]
+        cflags += ["-DWITH_CUDA"] + inc
+        cuda_flags += ["-DWITH_CUDA"] + inc
     cpp_extension.load(
-        name="moco_ext_jit", sources=sources, is_python_module=False,
-        extra_cflags=["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"], extra_cuda_cflags=["-O3", "-lineinfo"],
+        name="moco_ext_jit" + ("_cuda" if with_cuda else ""), sources=sources,
+        is_python_module=False, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
         verbose=os.environ.get("MOCO_EXT_VERBOSE") == "1")
 
 

@@ -6,6 +6,7 @@ The C++ schemas live in csrc/infonce.cpp. Equations (row i, v_0 = k_i, v_j = que
   d loss_i / d q_i = (sum_j p_ij v_j - k_i) / T,   d loss_i / d k_i = (p_i0 - 1) q_i / T
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 _ops = torch.ops.moco_ext
 
@@ -74,6 +75,7 @@ def _loss_setup(ctx, inputs, output):
     ctx.dtypes = (q.dtype, k.dtype)
 
 
+@once_differentiable  # dq_rows is a constant here: a second derivative would be silently 0
 def _loss_backward(ctx, grad_loss, _g_nbeat, _g_dq, _g_dk):
     dq_rows, dk_rows = ctx.saved_tensors
     g = grad_loss.to(dq_rows.dtype)[:, None]                      # (N, 1)

@@ -191,35 +191,42 @@ def test_v2_mlp_head_has_official_keys():
     assert model.encoder_q.fc[0].weight.shape == (512, 512)
 
 
-def test_learning_raises_instance_discrimination_accuracy(tmp_path, capsys):
-    """A short run on the built-in data raises encoder_q's view-retrieval accuracy on held-out images
-    (query = one augmented view, the key set = the other views of 256 test images) above its value at
-    initialisation (the same seed builds the same initial weights)."""
-    out = str(tmp_path / "run")
-    code, _, err = run_main(["--out", out, "--max-steps", "40", "--batch-size", "64", "--moco-k", "1024",
-                             "--workers", "0", "--knn-every", "0", "--log-every", "20", "--lr", "0.06"], capsys)
-    assert code == 0, err
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    args = moco.Args(**ckpt["args"])
+def test_learning_lowers_held_out_loss():
+    """40 MoCo steps on real images (the built-in data, batch 32, K 256, split BN) lower the InfoNCE loss
+    of held-out images: queries of 128 test images against their own second view and 256 other test
+    images as negatives. (The training loss itself is no use here: it rises while the random initial
+    queue is replaced by real keys, facebookresearch/moco#12.) Mild crops keep a few dozen steps enough."""
+    import copy
+    import torchvision.transforms as T
+    args, _ = moco.parse_args([])
     train, test, stats = moco.load_data(args)
-    tf, _ = moco.transforms(args, stats)
-    torch.manual_seed(123)
-    pairs = [tf(test.get(i)[0]) for i in range(256)]
-    v1, v2 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    tf = T.Compose([T.RandomResizedCrop(32, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(*moco.MEAN_STD[stats])])
 
-    def retrieval(state):
-        torch.manual_seed(args.seed)
-        net = moco.build_encoder(args.arch, args.stem, 1, num_classes=args.moco_dim)
-        if state is not None:
-            net.load_state_dict(state)
-        net.eval()
+    def views(ds, idx):
+        return [torch.stack([tf(ds.get(i)[0]) for i in idx]) for _ in range(2)]
+    torch.manual_seed(0)
+    held_q, held_k = views(test, range(128))
+    held_neg, _ = views(test, range(128, 384))
+    model = tiny_model(K=256, dim=128, bn_splits=4)
+    model.T = 0.1
+
+    def held_out_loss():
+        m = copy.deepcopy(model)  # BN in training mode, as the keys are made, without touching the model
         with torch.no_grad():
-            a, b = F.normalize(net(v1), dim=1), F.normalize(net(v2), dim=1)
-        return ((a @ b.T).argmax(1) == torch.arange(256)).float().mean().item()
-
-    trained = retrieval({k[10:]: v for k, v in ckpt["model"].items() if k.startswith("encoder_q.")})
-    init = retrieval(None)
-    assert trained > init + 0.05, (init, trained)
+            q, k = F.normalize(m.encoder_q(held_q), dim=1), F.normalize(m.encoder_k(held_k), dim=1)
+            neg = F.normalize(m.encoder_k(held_neg), dim=1)  # (256, C)
+            return moco.infonce_loss(q, k, neg.T, 0.1)[0].mean().item()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.06, momentum=0.9,
+                          weight_decay=5e-4)
+    before = held_out_loss()
+    for step in range(40):
+        loss, _, _ = model(*views(train, range(32 * step, 32 * step + 32)), return_loss=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = held_out_loss()
+    assert after < before - 0.2, (before, after)
 
 
 def test_end_to_end_then_eval_linear(tmp_path):
@@ -366,3 +373,28 @@ def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, capsys):
     assert code == 2 and ("loss is nan" in err.lower() or "loss is inf" in err.lower()), err
     after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert after["step"] == before["step"] == 2
+
+
+def test_unusual_images_just_work(tmp_path):
+    import numpy as np
+    from PIL import Image
+    d = tmp_path / "imgs" / "a"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8), "L").save(d / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (40, 50, 4), dtype=np.uint8), "RGBA").save(d / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(d / "deep16.png")
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).convert("P").save(d / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)).save(d / "tiny.png")  # smaller than the crop
+    data = moco.FolderData(str(tmp_path / "imgs"))
+    assert len(data) == 6
+    args, _ = moco.parse_args(["--image-size", "32"])
+    train_tf, test_tf = moco.transforms(args, "imagenet")
+    for i in range(len(data)):
+        img, y = data.get(i)
+        assert img.mode == "RGB" and y == 0
+        a, b = train_tf(img)
+        assert a.shape == b.shape == test_tf(img).shape == (3, 32, 32)
+    deep = dict(zip([os.path.basename(p) for p, _ in data.files], range(6)))["deep16.png"]
+    assert np.asarray(data.get(deep)[0]).max() > 128  # 16-bit values are scaled, not clipped to white/black

@@ -1,0 +1,163 @@
+"""Benchmark: fused moco_ext InfoNCE loss and enqueue vs MoCo's pure-PyTorch (eager) code.
+
+    python tests/bench_infonce.py                 # CPU (256, 128, 16384); GPU sizes if one is visible
+    python tests/bench_infonce.py --device cpu    # CPU only
+
+Loss: forward + backward of the mean loss over the batch, q requiring grad.
+  eager = MoCo's formula: einsum pos, einsum neg against queue.clone().detach(), cat, /T,
+          cross_entropy (facebookresearch/moco builder.py); fused = moco_ext.infonce_loss.
+Enqueue: index_copy_ at (ptr + arange(N)) % K and a device-side ptr update vs moco_ext.enqueue_.
+Times are medians. "extra peak" is the memory one step needs beyond its inputs: on CUDA from
+the caching allocator, on CPU the rise in peak RSS of a fresh subprocess. GPU rows also print
+the floor of kernel.md section 3 (HBM 4.3 TB/s measured; FP32 67, TF32 494, BF16 989 TFLOP/s
+dense) and the queue is rotated over several copies so that it is not served from L2.
+Targets (issue 3): CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256 and
+within 3x of the floor.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import moco_ext
+
+T = 0.07  # MoCo's temperature
+HBM, PEAK = 4.3e12, {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12}  # kernel.md section 3
+
+
+def make_inputs(N, C, K, device, dtype, copies=1):
+    """Unit-norm q, k and queue columns, built without queue-sized temporaries."""
+    q = F.normalize(torch.randn(N, C, device=device), dim=1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(N, C, device=device), dim=1).to(dtype)
+    queues = []
+    for _ in range(copies):
+        v = torch.randn(C, K, device=device, dtype=dtype)
+        queues.append(v.div_(v.float().norm(dim=0).to(dtype)))
+    return q, k, queues
+
+
+def eager_step(q, k, queue):
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+    l_neg = torch.einsum("nc,ck->nk", q, queue.clone().detach())  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
+    loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    loss.backward()
+    return loss.detach()
+
+
+def fused_step(q, k, queue):
+    loss = moco_ext.infonce_loss(q, k, queue, T)[0].mean()
+    loss.backward()
+    return loss.detach()
+
+
+def eager_enqueue(queue, ptr, keys):
+    idx = (ptr + torch.arange(len(keys), device=keys.device)) % queue.shape[1]  # (N,)
+    queue.index_copy_(1, idx, keys.t())
+    ptr.copy_((ptr + len(keys)) % queue.shape[1])
+
+
+def timeit(fn, device, repeat, warmup=3):
+    """Median seconds of fn(i) over `repeat` calls (i rotates inputs)."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeat):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(i)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mb():
+    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def cpu_extra_peak_mb(variant, N, C, K):
+    """Peak-RSS rise of one loss step in a fresh process (glibc mmaps large blocks: RSS is exact)."""
+    code = (f"import torch, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
+            "import bench_infonce as b;"
+            f"q, k, (v,) = b.make_inputs({N}, {C}, {K}, 'cpu', torch.float32);"
+            f"r0 = b.peak_rss_mb(); b.{variant}_step(q, k, v); print(b.peak_rss_mb() - r0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_loss(N, C, K, device, mode, repeat):
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    copies = 1 if device == "cpu" else max(2, int(200e6 // (C * K * dtype.itemsize)) + 1)
+    q, k, queues = make_inputs(N, C, K, device, dtype, copies)
+    err = (eager_step(q, k, queues[0]) - fused_step(q, k, queues[0])).abs().item()
+    res = {}
+    for name, step in (("eager", eager_step), ("fused", fused_step)):
+        q.grad = None
+        res[name] = timeit(lambda i: step(q, k, queues[i % copies]), device, repeat)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(q, k, queues[0])
+            torch.cuda.synchronize()
+            res[name + "_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            res[name + "_mb"] = cpu_extra_peak_mb(name, N, C, K)
+    line = (f"loss fwd+bwd {mode:4s} N={N:<5d} C={C} K={K:<6d} eager {res['eager'] * 1e3:8.3f} ms"
+            f" | fused {res['fused'] * 1e3:8.3f} ms | speedup {res['eager'] / res['fused']:5.2f}x"
+            f" | extra peak MB eager {res['eager_mb']:7.1f}, fused {res['fused_mb']:6.1f}"
+            f" | |dloss| {err:.1e}")
+    if device == "cuda":
+        bytes_ = (C * K + 4 * N * C) * dtype.itemsize + 2 * N * C * 4
+        floor = max(bytes_ / HBM, 4 * N * K * C / PEAK[mode])
+        line += f" | floor {floor * 1e6:6.1f} us, fused/floor {res['fused'] / floor:5.1f}x"
+    print(line, flush=True)
+
+
+def bench_enqueue(N, C, K, device, repeat):
+    _, keys, (queue,) = make_inputs(N, C, K, device, torch.float32)
+    ptr = torch.zeros(1, dtype=torch.long, device=device)
+    t_e = timeit(lambda i: eager_enqueue(queue, ptr, keys), device, repeat)
+    t_f = timeit(lambda i: moco_ext.enqueue_(queue, ptr, keys), device, repeat)
+    print(f"enqueue_     fp32 N={N:<5d} C={C} K={K:<6d} eager {t_e * 1e3:8.3f} ms"
+          f" | fused {t_f * 1e3:8.3f} ms | speedup {t_e / t_f:5.2f}x", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--repeat", type=int, default=20)
+    args = ap.parse_args()
+    devices = ["cpu"] + (["cuda"] if args.device != "cpu" and torch.cuda.is_available() else [])
+    if args.device == "cuda":
+        devices = ["cuda"]
+    print(f"moco_ext benchmark: torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+          f"GPU {torch.cuda.get_device_name() if 'cuda' in devices else 'none'}, T={T}")
+    for device in devices:
+        if device == "cpu":
+            bench_loss(256, 128, 16384, "cpu", "fp32", args.repeat)
+            bench_enqueue(256, 128, 16384, "cpu", args.repeat)
+        else:
+            for N in (256, 4096):
+                for mode in ("fp32", "tf32", "bf16"):
+                    bench_loss(N, 128, 65536, "cuda", mode, args.repeat)
+                bench_enqueue(N, 128, 65536, "cuda", args.repeat)
+
+
+if __name__ == "__main__":
+    main()
