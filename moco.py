@@ -781,6 +781,9 @@ def train(argv=None):
             sums = vals if sums is None else sums + vals
             saving = args.save_every and step % args.save_every == 0
             if step % args.log_every == 0 or saving or pos == steps_per_epoch or step == total:
+                if world > 1:  # the mean over all ranks, not rank 0's share
+                    dist.all_reduce(sums)
+                    sums /= world
                 l, a1, a5 = (sums / seen).tolist()
                 if not math.isfinite(l):
                     raise UserError(f"loss is {l} at step {step}: stopped; the last good checkpoint ({path}) "
@@ -814,6 +817,7 @@ def train(argv=None):
             f"kNN top-1 {knn_txt}, checkpoint {path}")
     if world > 1:
         dist.destroy_process_group()
+    return model
 
 
 def ckpt_step(ckpt):

@@ -8,23 +8,22 @@
 //   n_beat_i  = #{ j >= 1 : l_ij > l_i0 }   (acc@1: n_beat == 0, acc@5: n_beat < 5)
 // The queue is read in column tiles. Per tile: S = (q/T) @ V (GEMM), an online
 // max/sum update of (m, l) per row (acc is rescaled by exp(m_old - m_new)), then
-// acc += exp(S - m) @ V^T (GEMM). Rows are split across threads, so each row's
-// result does not depend on the thread count.
+// acc += exp(S - m) @ V^T (GEMM). The row updates are split across threads; the
+// GEMMs use BLAS's own threads.
 #include <ATen/Parallel.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "infonce.h"
 
 namespace moco_ext {
 namespace {
 
-constexpr int64_t kTile = 512;      // queue columns per tile: V tile C*512*4 B fits in L2
-constexpr int64_t kRowBlock = 128;  // rows per GEMM; S tile is 128*512*4 B = 256 KiB
+constexpr int64_t kTile = 1024;     // queue columns per tile: V tile C*1024*4 B = 512 KiB
+constexpr int64_t kRowBlock = 256;  // rows per GEMM; S tile is 256*1024*4 B = 1 MiB
 
 // exp(x) for x <= 0 in float, written so that the compiler can vectorise it
 // (needs -fno-trapping-math for the float->int conversion):
@@ -93,51 +92,53 @@ void loss_kernel(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& qu
   int64_t* nb_p = n_beat.data_ptr<int64_t>();
   T* dq_p = dq.data_ptr<T>();
   T* dk_p = dk.data_ptr<T>();
+  at::Tensor s = at::empty({std::min(kRowBlock, N), kTile}, qs.options());
+  std::vector<T> m(kRowBlock), l(kRowBlock), pos(kRowBlock);
+  std::vector<int64_t> cnt(kRowBlock);
 
-  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain tensors
-    at::Tensor s = at::empty({std::min(kRowBlock, r1 - r0), kTile}, qs.options());
-    std::vector<T> m(kRowBlock), l(kRowBlock), pos(kRowBlock);
-    std::vector<int64_t> cnt(kRowBlock);
-    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-      const int64_t R = std::min(kRowBlock, r1 - rb);
-      at::Tensor qb = qs.narrow(0, rb, R);                         // (R, C)
-      at::Tensor acc = k.narrow(0, rb, R).clone();                 // (R, C): sum_j e^{l_j-m} v_j
-      T* acc_p = acc.data_ptr<T>();
-      for (int64_t r = 0; r < R; ++r) {                            // start from the positive
-        T d = 0;
-        for (int64_t c = 0; c < C; ++c) d += qs_p[(rb + r) * C + c] * k_p[(rb + r) * C + c];
-        pos[r] = d;  m[r] = d;  l[r] = 1;  cnt[r] = 0;
-      }
-      at::Tensor sr = s.narrow(0, 0, R);
-      for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-        const int64_t B = std::min(kTile, K - j0);
-        at::Tensor v = queue.narrow(1, j0, B);                     // (C, B)
-        at::Tensor sb = sr.narrow(1, 0, B);                        // (R, B), row stride kTile
-        at::mm_out(sb, qb, v);                                     // logits of this tile
-        T* s_p = s.data_ptr<T>();
-        for (int64_t r = 0; r < R; ++r) {
+  // The GEMMs are called from this thread and parallelised inside BLAS; only the row
+  // updates run in at::parallel_for. (BLAS calls inside a parallel region oversubscribe
+  // the cores: 10x slower on a loaded 2-core machine.)
+  for (int64_t rb = 0; rb < N; rb += kRowBlock) {
+    const int64_t R = std::min(kRowBlock, N - rb);
+    at::Tensor qb = qs.narrow(0, rb, R);                           // (R, C)
+    at::Tensor acc = k.narrow(0, rb, R).clone();                   // (R, C): sum_j e^{l_j-m} v_j
+    T* acc_p = acc.data_ptr<T>();
+    for (int64_t r = 0; r < R; ++r) {                              // start from the positive
+      T d = 0;
+      for (int64_t c = 0; c < C; ++c) d += qs_p[(rb + r) * C + c] * k_p[(rb + r) * C + c];
+      pos[r] = d;  m[r] = d;  l[r] = 1;  cnt[r] = 0;
+    }
+    at::Tensor sr = s.narrow(0, 0, R);
+    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+      const int64_t B = std::min(kTile, K - j0);
+      at::Tensor v = queue.narrow(1, j0, B);                       // (C, B)
+      at::Tensor sb = sr.narrow(1, 0, B);                          // (R, B), row stride kTile
+      at::mm_out(sb, qb, v);                                       // logits of this tile
+      T* s_p = s.data_ptr<T>();
+      at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
           const T scale = row_update(s_p + r * kTile, B, pos[r], &m[r], &l[r], &cnt[r]);
           if (scale != T(1)) {
             T* a = acc_p + r * C;
             for (int64_t c = 0; c < C; ++c) a[c] *= scale;
           }
         }
-        acc.addmm_(sb, v.t());                                     // acc += P (R,B) @ V^T (B,C)
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t i = rb + r;
-        const T inv_l = T(1) / l[r];
-        loss_p[i] = m[r] + std::log(l[r]) - pos[r];
-        nb_p[i] = cnt[r];
-        const T p0 = std::exp(pos[r] - m[r]) * inv_l;
-        for (int64_t c = 0; c < C; ++c) {
-          dq_p[i * C + c] = (acc_p[r * C + c] * inv_l - k_p[i * C + c]) * inv_t;
-          dk_p[i * C + c] = (p0 - T(1)) * qs_p[i * C + c];  // qs = q / T
-        }
+      });
+      acc.addmm_(sb, v.t());                                       // acc += P (R,B) @ V^T (B,C)
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = rb + r;
+      const T inv_l = T(1) / l[r];
+      loss_p[i] = m[r] + std::log(l[r]) - pos[r];
+      nb_p[i] = cnt[r];
+      const T p0 = std::exp(pos[r] - m[r]) * inv_l;
+      for (int64_t c = 0; c < C; ++c) {
+        dq_p[i * C + c] = (acc_p[r * C + c] * inv_l - k_p[i * C + c]) * inv_t;
+        dk_p[i * C + c] = (p0 - T(1)) * qs_p[i * C + c];  // qs = q / T
       }
     }
-  });
+  }
 }
 
 }  // namespace

@@ -1,0 +1,45 @@
+"""Run by torchrun from test_ddp.py (2 processes, gloo). Not a test module itself.
+
+    torchrun --nproc_per_node=2 tests/ddp_moco.py train OUT moco.py-flags...   -> OUT/rank{r}.pt
+    torchrun --nproc_per_node=2 tests/ddp_moco.py logits OUT                   -> OUT/logits.pt
+"""
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moco  # noqa: E402
+
+
+def batch_and_perm():
+    """A fixed global batch of 16 (query and key images) and the shuffle-BN permutation."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g), torch.randperm(16, generator=g)
+
+
+def small_moco(bn_splits):
+    torch.manual_seed(0)
+    return moco.MoCo(partial(moco.build_encoder, "basic32", "cifar", bn_splits), dim=16, K=64, m=0.99, T=0.2)
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    rank = int(os.environ["RANK"])
+    if mode == "train":
+        model = moco.train(sys.argv[3:] + ["--out", out])
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+    else:
+        dist.init_process_group("gloo")
+        xq, xk, perm = batch_and_perm()
+        torch.randperm = lambda n, device=None: perm.clone()  # the permutation rank 0 would draw and broadcast
+        model = small_moco(1)
+        with torch.no_grad():
+            logits, _ = model(xq[rank * 8:(rank + 1) * 8], xk[rank * 8:(rank + 1) * 8])  # (8, 1+K)
+        logits = moco.concat_all_gather(logits)  # (16, 1+K)
+        if rank == 0:
+            os.makedirs(out, exist_ok=True)
+            torch.save({"logits": logits, "queue": model.queue, "ptr": model.queue_ptr}, os.path.join(out, "logits.pt"))
+        dist.destroy_process_group()
