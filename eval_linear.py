@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -169,8 +170,38 @@ def topk_acc(logits, y, ks=(1, 5)):
     return [hit[:, :k].any(1).float().mean().item() * 100 for k in ks]
 
 
+class Shard:
+    """Images lo..hi-1 of a data set: this rank's contiguous share for feature extraction."""
+
+    def __init__(self, base, rank, world):
+        per = -(-len(base) // world)
+        self.base, self.lo, self.hi, self.per = base, min(rank * per, len(base)), min((rank + 1) * per, len(base)), per
+
+    def __len__(self):
+        return self.hi - self.lo
+
+    def get(self, i):
+        return self.base.get(self.lo + i)
+
+
+@torch.no_grad()
+def extract_all(encoder, ds, tf, args, device, rank, world):
+    """Features and labels of the whole data set, in order; each rank extracts its contiguous share."""
+    shard = Shard(ds, rank, world)
+    if len(ds) < world * shard.per - shard.per + 1:
+        raise UserError(f"{len(ds)} images cannot be shared by {world} processes")
+    f, y = extract(encoder, moco.loader(moco.Seeded(shard, tf), 512, args.workers, device=device), device)
+    if world == 1:
+        return f, y
+    fp, yp = f.new_zeros(shard.per, f.shape[1]), y.new_full((shard.per,), -1)  # pad the last share
+    fp[:len(f)], yp[:len(y)] = f, y
+    fs, ys = moco.concat_all_gather(fp), moco.concat_all_gather(yp)  # (world*per, D), (world*per,)
+    return fs[:len(ds)], ys[:len(ds)]
+
+
 def evaluate(args, argv_out=print):
-    device, _, _ = moco.setup_device(args)
+    device, rank, world = moco.setup_device(args)
+    torch.manual_seed(args.seed)  # the same probe initialisation on every rank
     encoder, ck = load_encoder(args)
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
@@ -183,15 +214,15 @@ def evaluate(args, argv_out=print):
         raise UserError("the training or test split is empty")
     size = args.image_size or ck.get("image_size", 224)
     plain = moco.test_transform(size, stats)
-    mk = lambda ds, tf, bs: moco.loader(moco.Seeded(ds, tf), bs, args.workers, device=device)
     t0 = time.perf_counter()
-    train_f, train_y = extract(encoder, mk(train_set, plain, 512), device)
-    test_f, test_y = extract(encoder, mk(test_set, plain, 512), device)
+    train_f, train_y = extract_all(encoder, train_set, plain, args, device, rank, world)
+    test_f, test_y = extract_all(encoder, test_set, plain, args, device, rank, world)
     classes = int(max(train_y.max(), test_y.max())) + 1
     nf = lambda f: F.normalize(f, dim=1)
     knn = (moco.knn_predict(nf(test_f), nf(train_f), train_y, classes) == test_y).float().mean().item() * 100
-    print(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
-          f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
+        f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
     if aug not in ("crop", "none"):
@@ -204,8 +235,13 @@ def evaluate(args, argv_out=print):
     milestones = [int(m) for m in args.milestones.split(",") if m]
     crop_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                          T.Normalize(*moco.MEAN_STD[stats])])
-    sampler = moco.EpochSampler(len(train_set), args.batch_size, args.seed)
-    crop_loader = moco.loader(moco.Seeded(train_set, crop_tf), args.batch_size, args.workers, sampler, device)
+    # cached features: every rank trains the same probe on all features (identical, no communication);
+    # crops: each rank encodes its share of every batch and DDP averages the head's gradients
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    sampler = moco.EpochSampler(len(train_set), args.batch_size // world, args.seed, rank, world)
+    crop_loader = moco.loader(moco.Seeded(train_set, crop_tf), args.batch_size // world, args.workers, sampler, device)
+    step_head = nn.parallel.DistributedDataParallel(head) if world > 1 and aug == "crop" else head
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         for grp in opt.param_groups:  # main_lincls.py: lr x0.1 at each milestone, set per epoch
@@ -221,7 +257,7 @@ def evaluate(args, argv_out=print):
         for f, y in batches:
             if len(y) < 2 and args.probe == "mlp":
                 continue
-            loss = F.cross_entropy(head(f), y)
+            loss = F.cross_entropy(step_head(f), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -229,7 +265,7 @@ def evaluate(args, argv_out=print):
         if not torch.isfinite(torch.tensor(total)):
             raise UserError(f"probe loss is not finite at epoch {epoch + 1}: lower --lr")
         if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs:
-            print(f"probe epoch {epoch + 1}/{args.epochs} loss {total / max(n, 1):.4f}", flush=True)
+            say(f"probe epoch {epoch + 1}/{args.epochs} loss {total / max(n, 1):.4f}", flush=True)
     head.eval()
     with torch.no_grad():
         top1, top5 = topk_acc(head(test_f), test_y)
@@ -243,10 +279,13 @@ def evaluate(args, argv_out=print):
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seconds=time.perf_counter() - t0)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
                                    f"eval_{args.layer}_{args.probe}{'_random' if args.random_init else ''}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"{args.probe} probe on {args.layer}: top-1 {top1:.2f} top-5 {top5:.2f} kNN top-1 {knn:.2f} "
-          f"(sanity check passed) -> {out}")
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    say(f"{args.probe} probe on {args.layer}: top-1 {top1:.2f} top-5 {top5:.2f} kNN top-1 {knn:.2f} "
+        f"(sanity check passed) -> {out}")
+    if world > 1:
+        dist.destroy_process_group()
     return result
 
 

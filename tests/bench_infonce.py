@@ -1,7 +1,7 @@
 """Benchmark: fused moco_ext InfoNCE loss and enqueue vs MoCo's pure-PyTorch (eager) code.
 
     python tests/bench_infonce.py                 # CPU (256, 128, 16384); GPU sizes if one is visible
-    python tests/bench_infonce.py --device cpu    # CPU only
+    python tests/bench_infonce.py --device cpu    # CPU only (--threads 1: one core)
 
 Loss: forward + backward of the mean loss over the batch, q requiring grad.
   eager = MoCo's formula: einsum pos, einsum neg against queue.clone().detach(), cat, /T,
@@ -142,7 +142,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if args.device != "cpu" and torch.cuda.is_available() else [])
     if args.device == "cuda":
         devices = ["cuda"]

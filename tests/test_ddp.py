@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import moco
@@ -19,22 +20,58 @@ def torchrun(args, port):
     return r.stdout
 
 
-def test_two_ranks_stay_identical(tmp_path, image_folder):
-    """DDP training for 4 steps: both ranks end with the same weights, queue and pointer; the keys of both
-    ranks were enqueued (pointer = 4 x global batch mod K). The queue is excluded from DDP's buffer broadcast,
-    so equality shows that every rank built the same queue from the gathered keys."""
-    out = str(tmp_path / "run")
-    log = torchrun(["train", out, "--data", image_folder, "--max-steps", "4", "--batch-size", "32", "--moco-k", "100",
-                    "--bn-splits", "2", "--workers", "0", "--knn-every", "1", "--log-every", "1", "--epochs", "2",
-                    "--device", "cpu"], port=29541)
-    assert "done: 4 steps" in log
+TRAIN = ["--max-steps", "6", "--batch-size", "32", "--moco-k", "100", "--bn-splits", "2", "--workers", "0",
+         "--knn-every", "1", "--log-every", "1", "--epochs", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, image_folder):
+    """An uninterrupted 2-rank run: 6 steps over 2 epochs (108 training images, global batch 32)."""
+    out = str(tmp_path_factory.mktemp("ddp") / "run")
+    log = torchrun(["train", out, "--data", image_folder] + TRAIN, port=29541)
+    return out, log
+
+
+def test_two_ranks_stay_identical(ddp_run):
+    """Both ranks end with the same weights, queue and pointer; the keys of both ranks were enqueued
+    (pointer = 6 x global batch mod K). The queue is excluded from DDP's buffer broadcast, so equality shows
+    that every rank built the same queue from the gathered keys."""
+    out, log = ddp_run
+    assert "done: 6 steps" in log
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
     for k in r0:  # BN running statistics are rank-local until DDP broadcasts rank 0's at the next forward
         if "running_" not in k and "num_batches" not in k:
             assert torch.equal(r0[k], r1[k]), k
-    assert r0["queue_ptr"].item() == (4 * 32) % 100
+    assert r0["queue_ptr"].item() == (6 * 32) % 100
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert ck["step"] == 4 and torch.equal(ck["model"]["queue"], r0["queue"])
+    assert ck["step"] == 6 and torch.equal(ck["model"]["queue"], r0["queue"])
+
+
+def test_killed_and_resumed_equals_uninterrupted(ddp_run, tmp_path, image_folder):
+    """kill -9 of the whole torchrun job once a checkpoint of step >= 2 exists, then --resume auto: the final
+    checkpoint equals the uninterrupted run's, and no ckpt.pt was ever unreadable."""
+    import signal
+    import time
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544", DRIVER,
+           "train", out, "--data", image_folder, "--save-every", "1"] + TRAIN
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    path, deadline = os.path.join(out, "ckpt.pt"), time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if os.path.exists(path) and moco.load_checkpoint(path, "moco")["step"] >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = moco.load_checkpoint(path, "moco")["step"]  # readable after the kill
+    assert 2 <= killed_at <= 6
+    torchrun(["train", out, "--data", image_folder, "--resume", "auto"] + TRAIN, port=29545)
+    a = torch.load(os.path.join(ddp_run[0], "ckpt.pt"), weights_only=False)
+    b = torch.load(path, weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), (k, killed_at)
 
 
 def test_two_ranks_match_one_process_with_split_bn(tmp_path, monkeypatch):
@@ -60,3 +97,24 @@ def test_two_ranks_match_one_process_with_split_bn(tmp_path, monkeypatch):
     got = logits[pos]  # back to image order
     assert torch.allclose(got, ref["logits"], atol=1e-4), (got - ref["logits"]).abs().max()
     assert model.queue_ptr.item() == ref["ptr"].item() == 16
+
+
+def test_eval_linear_two_ranks_match_one(tmp_path, capsys):
+    """eval_linear.py under torchrun (feature extraction sharded, then gathered in order) gives the accuracy
+    of one process."""
+    import json
+    out = str(tmp_path / "m")
+    moco.main(["--out", out, "--max-steps", "2", "--batch-size", "32", "--moco-k", "64", "--bn-splits", "1",
+               "--workers", "0", "--knn-every", "0"])
+    ck = os.path.join(out, "ckpt.pt")
+    common = ["--pretrained", ck, "--epochs", "3", "--workers", "0", "--device", "cpu"]
+    r = subprocess.run([sys.executable, "eval_linear.py"] + common + ["--out", str(tmp_path / "one.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
+                        "eval_linear.py"] + common + ["--out", str(tmp_path / "two.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
+    assert one["n_train"] == two["n_train"] == 8000 and one["n_test"] == two["n_test"] == 2000
+    assert abs(one["top1"] - two["top1"]) <= 0.1 and abs(one["knn_top1"] - two["knn_top1"]) <= 0.1, (one, two)
