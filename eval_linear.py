@@ -56,7 +56,7 @@ class Args:
     aug: str = arg("auto", "crop (RandomResizedCrop + flip each epoch) | none (cached features) | auto")
     image_size: int = arg(None, "input size (default: the checkpoint's; 224 for official checkpoints)")
     random_init: bool = arg(False, "evaluate the same encoder with random weights (the baseline)")
-    workers: int = arg(4, "data loader processes")
+    workers: int = arg(min(4, os.cpu_count() or 1), "data loader processes")
     device: str = arg("auto", "auto|cpu|cuda")
     seed: int = arg(0, "random seed")
 

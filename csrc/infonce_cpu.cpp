@@ -22,8 +22,10 @@
 namespace moco_ext {
 namespace {
 
-constexpr int64_t kTile = 1024;     // queue columns per tile: V tile C*1024*4 B = 512 KiB
-constexpr int64_t kRowBlock = 256;  // rows per GEMM; S tile is 256*1024*4 B = 1 MiB
+// Few, large tiles: each tile costs three fork/joins (two BLAS calls, one row update),
+// which dominate on a busy machine; the 4 MiB score tile still stays in the last-level cache.
+constexpr int64_t kTile = 4096;     // queue columns per tile
+constexpr int64_t kRowBlock = 256;  // rows per GEMM; S tile is 256*4096*4 B = 4 MiB
 
 // exp(x) for x <= 0 in float, written so that the compiler can vectorise it
 // (needs -fno-trapping-math for the float->int conversion):
