@@ -115,19 +115,22 @@ def load_encoder(args):
         if args.random_init:
             torch.manual_seed(args.seed)
             ckpt = {**ckpt, "model": None}
-        return dim.encoder_for_eval(ckpt, args.layer), ckpt["args"]
+        try:
+            return dim.encoder_for_eval(ckpt, args.layer), {**ckpt["args"], "algo": "dim"}
+        except dim.UserError as e:  # dim.py's own copy of the class
+            raise UserError(str(e))
     if args.layer != "backbone":
         raise UserError(f"--layer {args.layer} is for dim.py checkpoints; MoCo checkpoints use --layer backbone")
     torch.manual_seed(args.seed)
     if ckpt.get("algo") == "moco":
         a = ckpt["args"]
         state = {k[len("encoder_q."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder_q.")}
-        return moco_backbone(state, a["arch"], a["stem"], args.random_init), a
+        return moco_backbone(state, a["arch"], a["stem"], args.random_init), {**a, "algo": "moco"}
     sd = ckpt.get("state_dict")
     if isinstance(sd, dict) and any(k.startswith("module.encoder_q.") for k in sd):  # official main_moco.py
         state = {k[len("module.encoder_q."):]: v for k, v in sd.items() if k.startswith("module.encoder_q.")}
         net = moco_backbone(state, ckpt.get("arch", "resnet50"), "imagenet", args.random_init)
-        return net, {"data": "", "dataset": "folder", "image_size": 224}
+        return net, {"data": "", "dataset": "folder", "image_size": 224, "algo": "moco-official"}
     raise UserError(f"{args.pretrained} has no encoder: expected a moco.py/dim.py checkpoint or an official "
                     "MoCo one with module.encoder_q.* weights")
 
@@ -273,7 +276,7 @@ def evaluate(args, argv_out=print):
     for k, v in encoder.state_dict().items():
         if not torch.equal(v, before[k]):
             raise RuntimeError(f"sanity check failed: backbone tensor {k} changed during probe training")
-    result = dict(pretrained=args.pretrained, algo=ck.get("algo", "moco-official") if isinstance(ck, dict) else None,
+    result = dict(pretrained=args.pretrained, algo=ck["algo"],
                   layer=args.layer, probe=args.probe, aug=aug, random_init=args.random_init, top1=top1, top5=top5,
                   knn_top1=knn, feature_dim=train_f.shape[1], n_train=len(train_f), n_test=len(test_f),
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seconds=time.perf_counter() - t0)

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/ddp_moco.py train OUT moco.py-flags...   -> OUT/rank{r}.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py logits OUT                   -> OUT/logits.pt
+    torchrun --nproc_per_node=2 tests/ddp_moco.py dim OUT dim.py-flags...      -> OUT/rank{r}.pt
 """
 import os
 import sys
@@ -28,8 +29,13 @@ def small_moco(bn_splits):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
-    if mode == "train":
-        model = moco.train(sys.argv[3:] + ["--out", out])
+    if mode in ("train", "dim"):
+        if mode == "dim":
+            import dim
+            model, prior = dim.train(sys.argv[3:] + ["--out", out])
+            model = torch.nn.ModuleDict({"model": model, "prior": prior})
+        else:
+            model = moco.train(sys.argv[3:] + ["--out", out])
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
     else:
         dist.init_process_group("gloo")

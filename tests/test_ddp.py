@@ -118,3 +118,24 @@ def test_eval_linear_two_ranks_match_one(tmp_path, capsys):
     one, two = (json.load(open(tmp_path / f)) for f in ("one.json", "two.json"))
     assert one["n_train"] == two["n_train"] == 8000 and one["n_test"] == two["n_test"] == 2000
     assert abs(one["top1"] - two["top1"]) <= 0.1 and abs(one["knn_top1"] - two["knn_top1"]) <= 0.1, (one, two)
+
+
+def test_dim_two_ranks_stay_identical(tmp_path, image_folder):
+    """dim.py (local + global + prior) under torchrun: both ranks end with the same encoder, critics and
+    prior discriminator (whose gradients are averaged by hand, outside DDP); rank 0 saves."""
+    out = str(tmp_path / "dim")
+    log = torchrun(["dim", out, "--data", image_folder, "--preset", "dimLG", "--max-steps", "3", "--batch-size", "32",
+                    "--epochs", "1", "--workers", "0", "--knn-every", "0", "--log-every", "1", "--device", "cpu"],
+                   port=29546)
+    assert "done: 3 steps" in log
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    for k in r0:
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(r0[k], r1[k]), k
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ck["algo"] == "dim" and ck["step"] == 3
+    assert any(k.startswith("prior.") for k in r0)
+    for part in ("model", "prior"):
+        for k, v in ck[part].items():
+            if "running_" not in k and "num_batches" not in k:
+                assert torch.equal(v, r0[f"{part}.{k}"]), k

@@ -259,9 +259,8 @@ def test_bad_inputs(tmp_path):
     assert_user_error(run("dim.py", "--resume", tmp_path / "junk.pt", *quick, check=False), "cannot read")
 
 
-@pytest.mark.xfail(strict=True, reason="eval_linear.py catches only moco.UserError, not dim.UserError")
 def test_bad_layer_in_eval_linear(trained):
-    """eval_linear.py must turn dim.encoder_for_eval's UserError into its one-line error (see report)."""
+    """eval_linear.py turns dim.encoder_for_eval's UserError into its one-line error."""
     p = run("eval_linear.py", "--pretrained", trained / "ckpt.pt", "--layer", "backbone", "--workers", 0, check=False)
     assert_user_error(p, "--layer")
 
@@ -271,11 +270,11 @@ def test_bad_layer_in_eval_linear(trained):
 # ---------------------------------------------------------------------------------------------------
 def shared_blocks(path):
     text = open(path, encoding="utf-8").read()
-    return dict(re.findall(r"(?ms)^# --- shared: (\w+) ---\n(.*?)^# --- end shared: \1 ---$", text))
+    return dict(re.findall(r"(?ms)^# --- shared: ([\w ]+) ---\n(.*?)^# --- end shared: \1 ---$", text))
 
 
 def test_shared_blocks_identical():
     moco, d = shared_blocks(os.path.join(ROOT, "moco.py")), shared_blocks(os.path.join(ROOT, "dim.py"))
-    assert set(d) == {"utilities", "data", "knn", "main"} and set(moco) == set(d)
+    assert {"utilities", "data", "knn", "main"} <= set(d) and set(moco) == set(d)
     for name in d:
         assert d[name] == moco[name], f"shared block {name!r} differs between moco.py and dim.py"
