@@ -1,4 +1,4 @@
-"""Deep InfoMax (DIM) in one file: local, global and prior-matching objectives, on CPU or one GPU.
+"""Deep InfoMax (DIM) in one file: local, global and prior-matching objectives: CPU, one GPU, or many GPUs with torchrun.
 
 Paper: Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler, Bengio, "Learning deep representations
 by mutual information estimation and maximization", ICLR 2019, arXiv 1808.06670v5. Equation numbers below are
@@ -17,10 +17,11 @@ Commands
     python dim.py --dataset stl10 --data ~/stl --preset dimL --arch alex64              # 64x64 crops + flips
     python dim.py --preset dimG --critic concat         # global DIM with the paper's concat critic
     python dim.py --resume auto                         # continue the run in --out
+    torchrun --nproc_per_node=4 dim.py --dataset cifar10 --data ~/cifar --batch-size 256   # 64 per GPU
     python eval_linear.py --pretrained runs/dim/ckpt.pt --layer conv --probe mlp         # paper's probe
 
 Deliberately left out: the occlusion and coordinate-prediction variants (Table 4), MS-SSIM, MINE and NDM
-evaluation, the SVM probe, the folded "CPC-style" encoders, multi-GPU training (its own issue).
+evaluation, the SVM probe, the folded "CPC-style" encoders.
 """
 import dataclasses
 import gzip
