@@ -758,7 +758,7 @@ def train(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], device)
-        log(f"resumed from {args.resume} at epoch {epoch} step {step}")
+        log(f"resumed from {src} at epoch {epoch} step {step}")
     if args.compile:
         model.encoder.compile()
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
