@@ -86,6 +86,8 @@ class Args:
     aug: str = arg("v1", "v1|v2|cifar augmentation")
     crop_min: float = arg(0.2, "smallest RandomResizedCrop scale")
     image_size: int = arg(224, "crop size")
+    gpu_aug: str = arg("auto", "auto|on|off: in-memory data (built-in, CIFAR, MNIST, STL-10) as uint8 on the device, "
+                               "augmented there in batches; auto = on CUDA only, on = also on the CPU")
 
 
 PRESETS = {
@@ -382,6 +384,168 @@ def loader(ds, batch, workers, sampler=None, device=None):
 # --- end shared: data ---
 
 
+# ----------------------------------------------------------------------------------------------------
+# 2b. In-memory data on the device, augmented in batches (--gpu-aug)
+# ----------------------------------------------------------------------------------------------------
+def device_images(ds, device):
+    """An in-memory data set as (uint8 [N, 3, H, W] on `device`, int64 labels [N]), or None (image folders).
+    Takes ArrayData or TorchvisionData over a data set with a uint8 `.data` array (CIFAR, MNIST, STL-10)."""
+    if isinstance(ds, ArrayData):
+        x, y = ds.images, ds.labels
+    elif isinstance(ds, TorchvisionData) and hasattr(ds.ds, "data"):
+        x = ds.ds.data
+        y = getattr(ds.ds, "targets", getattr(ds.ds, "labels", None))
+    else:
+        return None
+    x = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)  # a writable copy
+    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or y is None or len(y) != len(x):
+        return None
+    if x.dim() == 3:  # greyscale (N, H, W) -> RGB, as to_rgb does
+        x = x[:, None].expand(-1, 3, -1, -1)
+    elif x.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W); STL-10 is stored channels first already
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != 3:
+        return None
+    return x.contiguous().to(device), torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
+
+
+class BatchAugment:
+    """Random resized crop, horizontal flip, colour jitter, greyscale, Gaussian blur and normalisation for a
+    uint8 batch on any device, every random number drawn from one torch.Generator (reproducible, resumable).
+    Per sample, as torchvision: crop (scale, ratio 3/4-4/3, 10 tries then the centre crop), flip p=0.5,
+    jitter factors b, c, s ~ U[1-x, 1+x], hue ~ U[-h, h] in a random order per sample with probability
+    jitter_p, greyscale (0.2989 R + 0.587 G + 0.114 B) with grey_p, blur sigma ~ U[0.1, 2] px with blur_p.
+    `order` lists the colour steps in the order they run; flipping commutes with all of them and runs first.
+    NOTE(deviation): bilinear sampling without antialiasing (a crop shrunk more than 2x aliases; CIFAR and
+    MNIST crops at 32 px are only enlarged), float arithmetic throughout (PIL rounds to uint8 after each
+    step), and a true Gaussian kernel (PIL approximates it by box filters)."""
+
+    def __init__(self, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2, blur_p=0.0,
+                 order=("jitter", "grey"), mean_std=MEAN_STD["imagenet"], flip_p=0.5, blur_sigma=(0.1, 2.0),
+                 channels_last=False):
+        self.size, self.scale, self.ratio = size, scale, (3 / 4, 4 / 3)
+        self.jitter, self.jitter_p, self.grey_p, self.blur_p, self.flip_p = jitter, jitter_p, grey_p, blur_p, flip_p
+        self.order, self.blur_sigma, self.channels_last = tuple(order), blur_sigma, channels_last
+        self.mean_std, self.consts = mean_std, {}
+
+    def _consts(self, dev):
+        """Small constant tensors, made once per device: a tensor from a Python list would sync with CUDA."""
+        if dev not in self.consts:
+            self.consts[dev] = dict(mean=torch.tensor(self.mean_std[0], device=dev).view(1, 3, 1, 1),
+                                    std=torch.tensor(self.mean_std[1], device=dev).view(1, 3, 1, 1),
+                                    same=torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev),  # identity jitter
+                                    steps=torch.arange(4, device=dev), n=torch.tensor([5.0, 3.0, 1.0], device=dev))
+        return self.consts[dev]
+
+    def __call__(self, x, g):
+        """x: uint8 (B, 3, H, W) on g's device -> float (B, 3, S, S), normalised."""
+        B, dev = x.shape[0], x.device
+
+        def u(*shape, lo=0.0, hi=1.0):  # every draw goes through here: a fixed sequence per generator seed
+            return torch.rand(*shape, generator=g, device=dev) * (hi - lo) + lo
+
+        y = self._crop_flip(x, u)  # (B, 3, S, S) in [0, 1]
+        ops = {"jitter": lambda y: self._jitter(y, u), "grey": lambda y: self._grey(y, u(B) < self.grey_p),
+               "blur": lambda y: self._blur(y, u(B) < self.blur_p, u(B, lo=self.blur_sigma[0], hi=self.blur_sigma[1]))}
+        for name in self.order:
+            y = ops[name](y)
+        y = (y - self._consts(dev)["mean"]) / self._consts(dev)["std"]  # (B, 3, S, S)
+        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+
+    def _crop_flip(self, x, u):
+        """torchvision RandomResizedCrop.get_params, 10 tries for all samples at once, then one affine grid
+        per sample (crop, resize and flip in a single bilinear grid_sample)."""
+        B, _, H, W = x.shape
+        area = H * W * u(B, 10, lo=self.scale[0], hi=self.scale[1])  # (B, 10)
+        aspect = torch.exp(u(B, 10, lo=math.log(self.ratio[0]), hi=math.log(self.ratio[1])))  # (B, 10)
+        w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()  # (B, 10)
+        ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)  # (B, 10)
+        first = ok.float().argmax(1, keepdim=True)  # (B, 1): the first try that fits
+        w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)  # (B,)
+        # no try fits: the whole image, its aspect ratio clamped into `ratio`, centred
+        r = W / H
+        fw, fh = (W, round(W / self.ratio[0])) if r < self.ratio[0] else (round(H * self.ratio[1]), H) \
+            if r > self.ratio[1] else (W, H)
+        w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))  # (B,)
+        top = torch.where(found, torch.minimum((u(B) * (H - h + 1)).floor(), H - h), float((H - fh) // 2))  # (B,)
+        left = torch.where(found, torch.minimum((u(B) * (W - w + 1)).floor(), W - w), float((W - fw) // 2))  # (B,)
+        flip = u(B) < self.flip_p  # (B,)
+        # output x' in [-1, 1] (align_corners=False: pixel edges) -> input x = cx + (w / W) x', negated to flip
+        theta = torch.zeros(B, 2, 3, device=x.device)  # (B, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+        theta[:, 0, 2] = (2 * left + w) / W - 1
+        theta[:, 1, 1] = h / H
+        theta[:, 1, 2] = (2 * top + h) / H - 1
+        grid = F.affine_grid(theta, [B, 3, self.size, self.size], align_corners=False)  # (B, S, S, 2)
+        y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return y * (1 / 255)  # (B, 3, S, S)
+
+    @staticmethod
+    def _grey_of(y):
+        return (0.2989 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(1)  # (B, 1, S, S), ITU-R 601
+
+    def _grey(self, y, on):
+        return torch.where(on.view(-1, 1, 1, 1), self._grey_of(y).expand_as(y), y)  # (B, 3, S, S)
+
+    def _jitter(self, y, u):
+        """torchvision ColorJitter: factors drawn per sample, the four steps in a random order per sample. In
+        slot t every sample runs all four steps, with identity factors (1, hue 0) for the three it did not
+        pick: more arithmetic than needed, but no host sync and no per-sample loop."""
+        B = y.shape[0]
+        on = u(B) < self.jitter_p  # (B,)
+        b, c, s, hue = self.jitter
+        f = torch.stack([u(B, lo=max(0.0, 1 - b), hi=1 + b), u(B, lo=max(0.0, 1 - c), hi=1 + c),
+                         u(B, lo=max(0.0, 1 - s), hi=1 + s), u(B, lo=-hue, hi=hue)], 1)  # (B, 4)
+        same, steps = self._consts(y.device)["same"], self._consts(y.device)["steps"]
+        f = torch.where(on[:, None], f, same)  # (B, 4)
+        rank = u(B, 4).argsort(1)  # (B, 4): rank[i, t] = the step sample i runs t-th
+        for t in range(4):
+            pick = rank[:, t:t + 1] == steps  # (B, 4): one step per sample in this slot
+            y = self._adjust(y, torch.where(pick, f, same), pick[:, 3] & on if hue > 0 else None)
+        return y
+
+    def _adjust(self, y, k, hue_on=None):
+        """torchvision's adjust_brightness b*y, adjust_contrast c*y + (1-c)*mean(grey(y)), adjust_saturation
+        s*y + (1-s)*grey(y), each clamped to [0, 1], then adjust_hue where hue_on; factors k (B, 4) = b, c, s, h.
+        Factor 1 leaves an image exactly unchanged (1*y + 0*z == y)."""
+        k = k.view(-1, 4, 1, 1, 1)  # (B, 4, 1, 1, 1)
+        y = (y * k[:, 0]).clamp(0, 1)  # (B, 3, S, S)
+        m = self._grey_of(y).mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        y = (k[:, 1] * y + (1 - k[:, 1]) * m).clamp(0, 1)
+        y = (k[:, 2] * y + (1 - k[:, 2]) * self._grey_of(y)).clamp(0, 1)
+        if hue_on is not None:
+            y = torch.where(hue_on.view(-1, 1, 1, 1), self._hue(y, k[:, 3]), y)
+        return y
+
+    def _hue(self, y, shift):
+        """Rotate the HSV hue by `shift` turns (B, 1, 1, 1), keeping value (max) and chroma (max - min):
+        hexagonal hue H' in [0, 6) from the largest channel; back with channel = max - chroma *
+        clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6, n = 5, 3, 1 for R, G, B (Wikipedia, 'HSL and HSV')."""
+        r, g, b = y.unbind(1)  # (B, S, S) each
+        mx, mn = y.amax(1), y.amin(1)  # (B, S, S)
+        chroma = mx - mn
+        d = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+        h = torch.where(mx == r, (g - b) / d, torch.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))  # (B, S, S)
+        h = torch.remainder(h + 6 * shift[:, 0], 6)  # (B, S, S)
+        n = self._consts(y.device)["n"].view(1, 3, 1, 1)
+        k = torch.remainder(n + h[:, None], 6)  # (B, 3, S, S)
+        return mx[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)  # (B, 3, S, S)
+
+    def _blur(self, y, on, sigma):
+        """Separable Gaussian with a per-sample sigma, radius ceil(3 * max sigma), edges replicated; samples
+        that skip the blur get the identity kernel."""
+        B, C, S, _ = y.shape
+        r = math.ceil(3 * self.blur_sigma[1])
+        t = torch.arange(-r, r + 1, device=y.device, dtype=y.dtype)  # (2r+1,)
+        k = torch.exp(-t ** 2 / (2 * sigma[:, None] ** 2))  # (B, 2r+1)
+        k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(y.dtype))  # (B, 2r+1)
+        k = k.repeat_interleave(C, 0)  # (B*C, 2r+1): one kernel per channel of each sample
+        z = F.pad(y, (r, r, r, r), mode="replicate").reshape(1, B * C, S + 2 * r, S + 2 * r)
+        z = F.conv2d(z, k.view(B * C, 1, 1, -1), groups=B * C)  # (1, B*C, S+2r, S) along the width
+        z = F.conv2d(z, k.view(B * C, 1, -1, 1), groups=B * C)  # (1, B*C, S, S) along the height
+        return z.view(B, C, S, S)
+
+
 class PILBlur:
     """v2 'aug+' blur: PIL GaussianBlur with radius ~ U[0.1, 2] (moco/loader.py), drawn from torch's RNG."""
 
@@ -415,6 +579,33 @@ def transforms(args, stats):
     }[args.aug]
     train = T.Compose(aug + [T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
     return TwoCrops(train), test_transform(args.image_size, stats)
+
+
+def batch_augment(args, stats, channels_last=False):
+    """The batched twin of transforms(args, stats): the same crop, jitter, greyscale and blur, in the same order."""
+    order, jitter, jitter_p, blur_p = {"v1": (("grey", "jitter"), (0.4, 0.4, 0.4, 0.4), 1.0, 0.0),
+                                       "v2": (("jitter", "grey", "blur"), (0.4, 0.4, 0.4, 0.1), 0.8, 0.5),
+                                       "cifar": (("jitter", "grey"), (0.4, 0.4, 0.4, 0.1), 0.8, 0.0)}[args.aug]
+    return BatchAugment(args.image_size, (args.crop_min, 1.0), jitter, jitter_p, 0.2, blur_p, order, MEAN_STD[stats],
+                        channels_last=channels_last)
+
+
+def view_pairs(loader_, sampler, gpu, device, fmt, seed, epoch):
+    """(im_q, im_k) for the rest of the epoch: the CPU loader's two crops, or with gpu = (images, augment) the
+    same indices augmented on the device, each step's random numbers from a generator seeded by
+    (seed, epoch, step, rank), so a resumed run draws exactly what an uninterrupted one would."""
+    if gpu is None:
+        for (im_q, im_k), _ in loader_:
+            yield (im_q.to(device, non_blocking=True, memory_format=fmt),
+                   im_k.to(device, non_blocking=True, memory_format=fmt))
+        return
+    images, augment = gpu
+    idx = torch.tensor([i for i, _ in sampler], device=device).view(-1, sampler.batch)  # (steps left, B)
+    g = torch.Generator(device)
+    for step, batch in enumerate(idx, start=sampler.skip):
+        g.manual_seed((((seed * 1000003 + epoch) * 1000003 + step) * 1009 + sampler.rank) % 2 ** 63)
+        x = images[batch]  # (B, 3, H, W) uint8
+        yield augment(x, g), augment(x, g)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -562,7 +753,7 @@ class MoCo(nn.Module):
     def _dequeue_and_enqueue(self, keys):
         keys = concat_all_gather(keys)  # (B_global, C)
         if self.fused is not None:
-            return self.fused.enqueue_(self.queue, self.queue_ptr, keys)
+            return self.fused.enqueue_(self.queue, self.queue_ptr, keys.to(self.queue.dtype))
         # NOTE(deviation): wrap-around write, so any K >= batch works (official: assert K % batch == 0).
         # The pointer stays on the device: no host sync.
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
@@ -675,6 +866,8 @@ def adjust_lr(opt, epoch, args):
 def check_args(args, world, n_train):
     if args.aug not in ("v1", "v2", "cifar") or args.schedule not in ("step", "cos") or args.bn not in ("shuffle", "sync"):
         raise UserError("--aug must be v1|v2|cifar, --schedule step|cos, --bn shuffle|sync")
+    if args.gpu_aug not in ("auto", "on", "off"):
+        raise UserError(f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
@@ -719,6 +912,15 @@ def train(argv=None):
     train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
     bank_loader = loader(Seeded(train_set, test_tf), 512, args.workers, device=device)
     test_loader = loader(Seeded(test_set, test_tf), 512, args.workers, device=device)
+    gpu = None  # (uint8 images on the device, BatchAugment) when the batched device path is on
+    if args.gpu_aug == "on" or (args.gpu_aug == "auto" and device.type == "cuda"):
+        images = device_images(train_set, device)
+        if images is not None:
+            gpu = (images[0], batch_augment(args, stats, channels_last=device.type == "cuda"))
+        elif args.gpu_aug == "on":
+            log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
+    log(f"data: {len(train_set)} images, " + (f"uint8 on {device}, augmented there in batches" if gpu else
+                                            f"augmented by the CPU loader with {args.workers} workers"))
 
     amp_dtype = None
     if args.amp and device.type == "cuda":
@@ -740,7 +942,7 @@ def train(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
         set_rng_state(ckpt["rng"], device)
-        log(f"resumed from {args.resume} at epoch {epoch} step {step}")
+        log(f"resumed from {src} at epoch {epoch} step {step}")
     if args.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
@@ -763,13 +965,12 @@ def train(argv=None):
         lr = adjust_lr(opt, epoch, args)
         sampler.epoch, sampler.skip = epoch, pos
         net.train()
-        it, t_last, wait, seen, sums = iter(train_loader), time.perf_counter(), 0.0, 0, None
+        it = view_pairs(train_loader, sampler, gpu, device, fmt, args.seed, epoch)
+        t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
         while pos < steps_per_epoch and step < total:
             t0 = time.perf_counter()
-            (im_q, im_k), _ = next(it)
+            im_q, im_k = next(it)  # (B, 3, S, S) each, on the device
             wait += time.perf_counter() - t0
-            im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
-            im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, acc1, acc5 = net(im_q, im_k, return_loss=True)
             opt.zero_grad(set_to_none=True)
