@@ -228,7 +228,7 @@ def test_resume_is_exact(tmp_path):
     run("dim.py", "--out", tmp_path / "a", "--max-steps", 8, *common)
     run("dim.py", "--out", tmp_path / "c", "--max-steps", 4, *common)
     p = run("dim.py", "--out", tmp_path / "c", "--max-steps", 8, "--resume", "auto")
-    assert "resumed from auto at epoch 0 step 4" in p.stdout
+    assert f"resumed from {tmp_path / 'c' / 'ckpt.pt'} at epoch 0 step 4" in p.stdout
     a, c = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in "ac")
     assert a["step"] == c["step"] == 8
     ta, tc = dict(tensors({k: a[k] for k in ("model", "prior", "optimizer", "prior_optimizer", "rng")})), \
