@@ -100,24 +100,6 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
-    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
-    given = vars(p.parse_args(argv))
-    preset = given.get("preset", Args.preset)
-    if preset not in PRESETS:
-        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return Args(**{**PRESETS[preset], **given}), given
-
-
 # --- shared: utilities ---
 class UserError(Exception):
     """An error the user can fix; main() prints it as one line."""
@@ -197,6 +179,24 @@ class Logger:
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def parse_args(argv=None):
+    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[preset], **given}), given
 # --- end shared: utilities ---
 
 
