@@ -5,6 +5,9 @@ Protocols
   main_lincls.py): the backbone stays in eval() mode so batch-norm statistics cannot move, a linear layer
   initialised N(0, 0.01) with zero bias, SGD lr 30, momentum 0.9, weight decay 0, lr x0.1 at epochs 60 and
   80 of 100, batch 256; afterwards the official sanity check that every backbone tensor is unchanged.
+  NOTE(deviation): by default the features are standardised with the training split's mean and std first (a
+  fixed affine map: still a linear probe) and the lr is 0.1, since lr 30 diverges on small encoders;
+  --no-standardize is main_lincls.py exactly.
 - `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1): one hidden layer of
   200 units with dropout (rdevon/DIM classifier: Linear 200, Dropout 0.1, BN, ReLU, Linear), Adam lr 1e-4,
   lr x0.1 at epochs 50 and 100, batch 64.
