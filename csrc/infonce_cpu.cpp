@@ -6,9 +6,9 @@
 //   dq_rows_i = d loss_i / d q_i = (sum_j p_ij v_j - k_i) / T,  p_ij = exp(l_ij - lse_i)
 //   dk_rows_i = d loss_i / d k_i = (p_i0 - 1) q_i / T
 //   n_beat_i  = #{ j >= 1 : l_ij > l_i0 }   (acc@1: n_beat == 0, acc@5: n_beat < 5)
-// The queue is read in column tiles. Per tile: S = (q/T) @ V (GEMM), an online
-// max/sum update of (m, l) per row (acc is rescaled by exp(m_old - m_new)), then
-// acc += exp(S - m) @ V^T (GEMM). The row updates are split across threads; the
+// The queue is read in column tiles. Per tile: S^T = V^T @ (q/T)^T (GEMM, scores stored
+// transposed), an online max/sum update of (m, l) per row (acc is rescaled by
+// exp(m_old - m_new)), then acc += exp(S - m) @ V^T (GEMM). The row updates are split across threads; the
 // GEMMs use BLAS's own threads.
 #include <ATen/Parallel.h>
 
@@ -22,10 +22,10 @@
 namespace moco_ext {
 namespace {
 
-// Few, large tiles: each tile costs three fork/joins (two BLAS calls, one row update),
-// which dominate on a busy machine; the 4 MiB score tile still stays in the last-level cache.
-constexpr int64_t kTile = 4096;     // queue columns per tile
-constexpr int64_t kRowBlock = 256;  // rows per GEMM; S tile is 256*4096*4 B = 4 MiB
+// Tiles of 2048 columns: each tile costs three fork/joins (two BLAS calls, one update);
+// measured on the 2-core machine, 2048 beat 1024 and 4096 for the GEMM shapes used here.
+constexpr int64_t kTile = 2048;     // queue columns per tile
+constexpr int64_t kRowBlock = 256;  // rows per GEMM; S tile is 2048*256*4 B = 2 MiB
 
 // exp(x) for x <= 0 in float, written so that the compiler can vectorise it
 // (needs -fno-trapping-math for the float->int conversion):
@@ -47,40 +47,52 @@ inline __attribute__((always_inline)) float exp_nonpos(float x) {
 }
 inline __attribute__((always_inline)) double exp_nonpos(double x) { return std::exp(x); }
 
-// One tile row: s[0..n) are logits. Updates the running max m and sum l, counts
-// logits above pos, overwrites s with exp(s - m_new); returns exp(m_old - m_new).
+// One tile of scores, stored transposed: st[j * R + r] = s_{r, j0+j} for queue columns
+// j < n and rows r0 <= r < r1. The inner loops run along r (contiguous), so they
+// vectorise across query rows. Per row: new running max, count of scores above the
+// positive, st <- exp(st - m_new), l <- l * exp(m_old - m_new) + sum; scale[r] returns
+// exp(m_old - m_new) for rescaling the accumulator.
 template <typename T>
-inline __attribute__((always_inline)) T row_update_body(T* s, int64_t n, T pos, T* m,
-                                                       T* l, int64_t* cnt) {
-  T mx = *m;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-  int64_t c = 0;
-#pragma omp simd reduction(+ : c)
-  for (int64_t j = 0; j < n; ++j) c += s[j] > pos ? 1 : 0;
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
+inline __attribute__((always_inline)) void tile_update_body(T* st, int64_t n, int64_t R,
+                                                           int64_t r0, int64_t r1, const T* pos,
+                                                           T* m, T* l, int64_t* cnt, T* mx,
+                                                           T* sum, T* scale) {
+  for (int64_t r = r0; r < r1; ++r) { mx[r] = m[r]; sum[r] = 0; }
   for (int64_t j = 0; j < n; ++j) {
-    const T e = exp_nonpos(s[j] - mx);
-    s[j] = e;
-    sum += e;
+    const T* row = st + j * R;
+#pragma omp simd
+    for (int64_t r = r0; r < r1; ++r) {
+      mx[r] = row[r] > mx[r] ? row[r] : mx[r];
+      cnt[r] += row[r] > pos[r] ? 1 : 0;
+    }
   }
-  const T scale = exp_nonpos(*m - mx);
-  *l = *l * scale + sum;
-  *m = mx;
-  *cnt += c;
-  return scale;
+  for (int64_t j = 0; j < n; ++j) {
+    T* row = st + j * R;
+#pragma omp simd
+    for (int64_t r = r0; r < r1; ++r) {
+      const T e = exp_nonpos(row[r] - mx[r]);
+      row[r] = e;
+      sum[r] += e;
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    scale[r] = exp_nonpos(m[r] - mx[r]);
+    l[r] = l[r] * scale[r] + sum[r];
+    m[r] = mx[r];
+  }
 }
 
 // The float version is compiled twice (AVX2+FMA and baseline), picked at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 __attribute__((target_clones("arch=haswell", "default")))
 #endif
-float row_update(float* s, int64_t n, float pos, float* m, float* l, int64_t* cnt) {
-  return row_update_body<float>(s, n, pos, m, l, cnt);
+void tile_update(float* st, int64_t n, int64_t R, int64_t r0, int64_t r1, const float* pos,
+                 float* m, float* l, int64_t* cnt, float* mx, float* sum, float* scale) {
+  tile_update_body<float>(st, n, R, r0, r1, pos, m, l, cnt, mx, sum, scale);
 }
-double row_update(double* s, int64_t n, double pos, double* m, double* l, int64_t* cnt) {
-  return row_update_body<double>(s, n, pos, m, l, cnt);
+void tile_update(double* st, int64_t n, int64_t R, int64_t r0, int64_t r1, const double* pos,
+                 double* m, double* l, int64_t* cnt, double* mx, double* sum, double* scale) {
+  tile_update_body<double>(st, n, R, r0, r1, pos, m, l, cnt, mx, sum, scale);
 }
 
 template <typename T>
@@ -94,13 +106,16 @@ void loss_kernel(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& qu
   int64_t* nb_p = n_beat.data_ptr<int64_t>();
   T* dq_p = dq.data_ptr<T>();
   T* dk_p = dk.data_ptr<T>();
-  at::Tensor s = at::empty({std::min(kRowBlock, N), kTile}, qs.options());
-  std::vector<T> m(kRowBlock), l(kRowBlock), pos(kRowBlock);
-  std::vector<int64_t> cnt(kRowBlock);
+  const int64_t RB = std::min(kRowBlock, N);
+  at::Tensor st_buf = at::empty({kTile * RB}, qs.options());  // transposed score tile
+  at::Tensor vt_buf = at::empty({kTile, C}, qs.options());    // tile of the queue as [B, C]
+  std::vector<T> m(RB), l(RB), pos(RB), mx(RB), sum(RB), scale(RB);
+  std::vector<int64_t> cnt(RB);
 
-  // The GEMMs are called from this thread and parallelised inside BLAS; only the row
+  // The GEMMs are called from this thread and parallelised inside BLAS; only the tile
   // updates run in at::parallel_for. (BLAS calls inside a parallel region oversubscribe
-  // the cores: 10x slower on a loaded 2-core machine.)
+  // the cores.) Scores are computed transposed, S^T = V^T Q^T ([B, R]): with the long
+  // dimension B as the GEMM's M, MKL runs this shape markedly faster than Q V ([R, B]).
   for (int64_t rb = 0; rb < N; rb += kRowBlock) {
     const int64_t R = std::min(kRowBlock, N - rb);
     at::Tensor qb = qs.narrow(0, rb, R);                           // (R, C)
@@ -111,23 +126,24 @@ void loss_kernel(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& qu
       for (int64_t c = 0; c < C; ++c) d += qs_p[(rb + r) * C + c] * k_p[(rb + r) * C + c];
       pos[r] = d;  m[r] = d;  l[r] = 1;  cnt[r] = 0;
     }
-    at::Tensor sr = s.narrow(0, 0, R);
     for (int64_t j0 = 0; j0 < K; j0 += kTile) {
       const int64_t B = std::min(kTile, K - j0);
-      at::Tensor v = queue.narrow(1, j0, B);                       // (C, B)
-      at::Tensor sb = sr.narrow(1, 0, B);                          // (R, B), row stride kTile
-      at::mm_out(sb, qb, v);                                       // logits of this tile
-      T* s_p = s.data_ptr<T>();
-      at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+      at::Tensor vt = vt_buf.narrow(0, 0, B);                      // (B, C)
+      vt.copy_(queue.narrow(1, j0, B).t());                        // small copy, contiguous rows
+      at::Tensor st = st_buf.narrow(0, 0, B * R).view({B, R});     // (B, R)
+      at::mm_out(st, vt, qb.t());                                  // S^T = V^T Q^T
+      T* st_p = st.data_ptr<T>();
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        tile_update(st_p, B, R, r0, r1, pos.data(), m.data(), l.data(), cnt.data(), mx.data(),
+                    sum.data(), scale.data());
         for (int64_t r = r0; r < r1; ++r) {
-          const T scale = row_update(s_p + r * kTile, B, pos[r], &m[r], &l[r], &cnt[r]);
-          if (scale != T(1)) {
+          if (scale[r] != T(1)) {
             T* a = acc_p + r * C;
-            for (int64_t c = 0; c < C; ++c) a[c] *= scale;
+            for (int64_t c = 0; c < C; ++c) a[c] *= scale[r];
           }
         }
       });
-      acc.addmm_(sb, v.t());                                       // acc += P (R,B) @ V^T (B,C)
+      acc.addmm_(st.t(), vt);                                      // acc += P (R,B) @ V^T (B,C)
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = rb + r;
