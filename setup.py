@@ -23,17 +23,17 @@ def find_cuda_home():
     return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
 
 
-def pip_cuda_includes(cuda_home):
-    """A slim toolkit (nvcc + cudart only) lacks headers that torch's CUDA headers include
-    (cusparse.h, cublas_v2.h, ...). Take them from the nvidia-* wheels torch installed,
-    searched after the toolkit's own directory (-isystem). Same helper in moco_ext/__init__.py."""
-    if cuda_home is None or os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
-        return []
+def _load_build_helper():
+    """moco_ext/_build.py by path: importing the package would try to load the library not yet built."""
     import importlib.util
-    spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations) if spec else []
-    return [os.path.join(r, d, "include") for r in roots for d in sorted(os.listdir(r))
-            if os.path.exists(os.path.join(r, d, "include", "cusparse.h"))]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moco_ext", "_build.py")
+    spec = importlib.util.spec_from_file_location("moco_ext_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pip_cuda_includes = _load_build_helper().pip_cuda_includes
 
 
 cuda_home = None if os.environ.get("USE_CUDA") == "0" else find_cuda_home()

@@ -16,16 +16,7 @@ import os
 
 import torch
 
-
-def _pip_cuda_includes(cuda_home):
-    # Same helper as setup.py: headers a slim toolkit lacks, from the nvidia-* wheels.
-    if cuda_home is None or os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
-        return []
-    import importlib.util
-    spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations) if spec else []
-    return [os.path.join(r, d, "include") for r in roots for d in sorted(os.listdir(r))
-            if os.path.exists(os.path.join(r, d, "include", "cusparse.h"))]
+from ._build import pip_cuda_includes
 
 
 def _jit_build():
@@ -42,7 +33,7 @@ def _jit_build():
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # torch fails with no GPU and no list
         sources.append(os.path.join(csrc, "infonce_cuda.cu"))
-        inc = [f for d in _pip_cuda_includes(cpp_extension.CUDA_HOME) for f in ("-isystem", d)]
+        inc = [f for d in pip_cuda_includes(cpp_extension.CUDA_HOME) for f in ("-isystem", d)]
         cflags += ["-DWITH_CUDA"] + inc
         cuda_flags += ["-DWITH_CUDA"] + inc
     cpp_extension.load(
