@@ -87,6 +87,8 @@ class Args:
     wd: float = arg(0.0, "weight decay")
     aug: str = arg("auto", "none | crop (random crop + horizontal flip) | auto (crop when image-size >= 64)")
     image_size: int = arg(0, "input size (0 = the encoder's: 32 for basic32 and ResNets, 64 for alex64)")
+    gpu_aug: str = arg("auto", "auto|on|off: in-memory data (built-in, CIFAR, MNIST, STL-10) as uint8 on the device, "
+                               "resized, cropped and normalised there in batches; auto = on CUDA only, on = also CPU")
 
 
 PAPER = dict(epochs=1000, batch_size=64, lr=1e-4, beta1=0.5, estimator="jsd", critic="dot")
@@ -308,6 +310,10 @@ def load_data(args):
             test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9])
             train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9])
         return train, test, "imagenet"
+    idx = [os.path.join(root, f"{s}-{k}-ubyte.gz") for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+    if args.dataset in ("fashionmnist", "mnist") and all(map(os.path.isfile, idx)):  # the four IDX files in --data
+        x, y, xt, yt = (read_idx(p) for p in idx)  # (as Debian's dataset-fashion-mnist installs them)
+        return ArrayData(x, y), ArrayData(xt, yt), args.dataset
     tv = torchvision.datasets
     kw = dict(root=root, download=args.download)
     try:
@@ -371,6 +377,28 @@ def loader(ds, batch, workers, sampler=None, device=None):
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
                                        num_workers=workers, pin_memory=device is not None and device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(0))
+
+
+def device_images(ds, device):
+    """An in-memory data set as (uint8 [N, 3, H, W] on `device`, int64 labels [N]), or None (image folders).
+    Takes ArrayData or TorchvisionData over a data set with a uint8 `.data` array (CIFAR, MNIST, STL-10)."""
+    if isinstance(ds, ArrayData):
+        x, y = ds.images, ds.labels
+    elif isinstance(ds, TorchvisionData) and hasattr(ds.ds, "data"):
+        x = ds.ds.data
+        y = getattr(ds.ds, "targets", getattr(ds.ds, "labels", None))
+    else:
+        return None
+    x = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)  # a writable copy
+    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or y is None or len(y) != len(x):
+        return None
+    if x.dim() == 3:  # greyscale (N, H, W) -> RGB, as to_rgb does
+        x = x[:, None].expand(-1, 3, -1, -1)
+    elif x.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W); STL-10 is stored channels first already
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != 3:
+        return None
+    return x.contiguous().to(device), torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
 # --- end shared: data ---
 
 
@@ -388,6 +416,54 @@ def transforms(args, stats):
     train = T.Compose([T.Resize(args.image_size * 3 // 2), T.RandomCrop(args.image_size), T.RandomHorizontalFlip(),
                        T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
     return train, test
+
+
+class BatchPrepare:
+    """The batched twin of transforms(args, stats) for uint8 images on any device (--gpu-aug): resize the shorter
+    side (bilinear, antialiased when shrinking) and centre-crop; with `crop`, resize to 1.5x the size, then a
+    random crop and a horizontal flip (p=0.5) per sample from the generator; normalise.
+    NOTE(deviation): float arithmetic throughout (PIL rounds the resized image to uint8): values differ from the
+    CPU loader's by up to ~1/255 before normalisation."""
+
+    def __init__(self, size, aug, stats):
+        self.size, self.crop = size, aug == "crop"
+        self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD[stats])
+
+    def __call__(self, x, g):
+        x = x.float() / 255  # (B, 3, H, W)
+        big = self.size * 3 // 2 if self.crop else self.size
+        h, w = x.shape[-2:]
+        if min(h, w) != big:  # T.Resize(big): the shorter side becomes big
+            hw = (big, max(big, round(w * big / h))) if h <= w else (max(big, round(h * big / w)), big)
+            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=min(h, w) > big)
+        top, left = (x.shape[-2] - big) // 2, (x.shape[-1] - big) // 2
+        x = x[..., top:top + big, left:left + big]  # (B, 3, big, big), T.CenterCrop
+        if self.crop:  # T.RandomCrop(size) + T.RandomHorizontalFlip() per sample, by gathering rows and columns
+            B, S, d = len(x), self.size, x.device
+            oy, ox = (torch.randint(0, big - S + 1, (B,), generator=g, device=d) for _ in range(2))
+            flip = torch.rand(B, generator=g, device=d) < 0.5
+            rows = oy[:, None] + torch.arange(S, device=d)  # (B, S)
+            cols = ox[:, None] + torch.arange(S, device=d)  # (B, S)
+            cols = torch.where(flip[:, None], cols.flip(1), cols)
+            x = x[torch.arange(B, device=d)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, S, S, 3)
+            x = x.permute(0, 3, 1, 2)  # (B, 3, S, S)
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).contiguous()  # (B, 3, S, S)
+
+
+def train_batches(loader_, sampler, gpu, device, seed, epoch):
+    """Training images for the rest of the epoch: the CPU loader's, or with gpu = (images, prepare) the same
+    indices prepared on the device, each step's random numbers from a generator seeded by (seed, epoch, step,
+    rank), so that a resumed run draws exactly what an uninterrupted one would."""
+    if gpu is None:
+        for x, _ in loader_:
+            yield x.to(device, non_blocking=True)
+        return
+    images, prepare = gpu
+    idx = torch.tensor([i for i, _ in sampler], device=device).view(-1, sampler.batch)  # (steps left, B)
+    g = torch.Generator(device)
+    for step, batch in enumerate(idx, start=sampler.skip):
+        g.manual_seed((((seed * 1000003 + epoch) * 1000003 + step) * 1009 + sampler.rank) % 2 ** 63)
+        yield prepare(images[batch], g)  # (B, 3, S, S)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -676,6 +752,8 @@ def encoder_for_eval(ckpt, layer):
 def check_args(args, n_train):
     if args.estimator not in ESTIMATORS or args.critic not in ("dot", "concat") or args.aug not in ("none", "crop"):
         raise UserError("--estimator must be jsd|nce|dv, --critic dot|concat, --aug none|crop|auto")
+    if args.gpu_aug not in ("auto", "on", "off"):
+        raise UserError(f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}")
     if args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64:
         raise UserError(f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}")
     if min(args.alpha, args.beta, args.gamma) < 0 or args.alpha + args.beta == 0:
@@ -728,6 +806,15 @@ def train(argv=None):
     train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
     bank_loader = loader(Seeded(train_set, test_tf), 512, args.workers, device=device)
     test_loader = loader(Seeded(test_set, test_tf), 512, args.workers, device=device)
+    gpu = None  # (uint8 images on the device, BatchPrepare) when the batched device path is on
+    if args.gpu_aug == "on" or (args.gpu_aug == "auto" and device.type == "cuda"):
+        images = device_images(train_set, device)
+        if images is not None:
+            gpu = (images[0], BatchPrepare(args.image_size, args.aug, stats))
+        elif args.gpu_aug == "on":
+            log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
+    log(f"data: {len(train_set)} images, " + (f"uint8 on {device}, prepared there in batches" if gpu else
+                                            f"prepared by the CPU loader with {args.workers} workers"))
 
     amp_dtype = None
     if args.amp and device.type == "cuda":
@@ -772,21 +859,23 @@ def train(argv=None):
             save_checkpoint({"algo": "dim", "model": model.state_dict(), "prior": prior.state_dict(),
                              "optimizer": opt.state_dict(), "prior_optimizer": opt_prior.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
-                             "rng": rng_state(device), "args": dataclasses.asdict(args)}, path)
+                             "rng": rng_state(device), "args": dataclasses.asdict(args),
+                             "time_s": elapsed()}, path)
 
     steps_per_epoch = sampler.steps()
     total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
     names = ["loss", "local", "global", "prior", "d_loss", "d_acc"]
     t_start, first_loss, last_loss, knn = time.perf_counter(), None, None, None
+    elapsed = lambda: (ckpt or {}).get("time_s", 0.0) + time.perf_counter() - t_start  # all runs of a job
     while step < total and epoch < args.epochs:
         sampler.epoch, sampler.skip = epoch, pos
         model.train()
-        it, t_last, wait, seen, sums = iter(train_loader), time.perf_counter(), 0.0, 0, None
+        it = train_batches(train_loader, sampler, gpu, device, args.seed, epoch)
+        t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
         while pos < steps_per_epoch and step < total:
             t0 = time.perf_counter()
-            x, _ = next(it)
+            x = next(it)  # (B, 3, S, S) on the device
             wait += time.perf_counter() - t0
-            x = x.to(device, non_blocking=True)
             zero = torch.zeros((), device=device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 mi, y = net(x, args.estimator, args.local_samples)
@@ -828,7 +917,7 @@ def train(argv=None):
                     f"global {m['global']:.4f} prior {m['prior']:.3f} d_acc {m['d_acc']:.1f} lr {args.lr:.4g} "
                     f"img/s {seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
                     step=step, epoch=epoch + pos / steps_per_epoch, **m, lr=args.lr,
-                    img_s=seen * args.batch_size / dt, data_wait=wait / dt)
+                    img_s=seen * args.batch_size / dt, data_wait=wait / dt, time_s=elapsed())
                 t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
             if saving:
                 save(epoch, pos)

@@ -205,6 +205,42 @@ def extract_all(encoder, ds, tf, args, device, rank, world):
     return fs[:len(ds)], ys[:len(ds)]
 
 
+def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=print):
+    """Trains args.probe on (features, labels) for args.epochs; `batches(epoch)` yields (features, labels) when
+    the features are not cached (crop views). Returns the head in eval() mode, standardisation included."""
+    torch.manual_seed(args.seed)
+    head = make_head(args.probe, train_f.shape[1], classes).to(train_f.device)
+    opt = make_opt(args, head)
+    if args.standardize:
+        head = nn.Sequential(Standardize(train_f), head)
+    step_head = nn.parallel.DistributedDataParallel(head) if ddp else head
+    milestones = [int(m) for m in args.milestones.split(",") if m]
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        for grp in opt.param_groups:  # main_lincls.py: lr x0.1 at each milestone, set per epoch
+            grp["lr"] = args.lr * 0.1 ** sum(epoch >= m for m in milestones)
+        head.train()
+        if batches is None:
+            perm = torch.randperm(len(train_f), generator=g).to(train_f.device)
+            epoch_batches = ((train_f[i], train_y[i]) for i in perm.split(args.batch_size))
+        else:
+            epoch_batches = batches(epoch)
+        total, n = 0.0, 0
+        for f, y in epoch_batches:
+            if len(y) < 2 and args.probe == "mlp":
+                continue
+            loss = F.cross_entropy(step_head(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        if not torch.isfinite(torch.tensor(total)):
+            raise UserError(f"probe loss is not finite at epoch {epoch + 1}: lower --lr")
+        if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs:
+            say(f"probe epoch {epoch + 1}/{args.epochs} loss {total / max(n, 1):.4f}", flush=True)
+    return head.eval()
+
+
 def evaluate(args, argv_out=print):
     device, rank, world = moco.setup_device(args)
     torch.manual_seed(args.seed)  # the same probe initialisation on every rank
@@ -233,46 +269,21 @@ def evaluate(args, argv_out=print):
     aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
     if aug not in ("crop", "none"):
         raise UserError(f"--aug must be crop, none or auto, not {args.aug!r}")
-    torch.manual_seed(args.seed)
-    head = make_head(args.probe, train_f.shape[1], classes).to(device)
-    opt = make_opt(args, head)
-    if args.standardize:
-        head = nn.Sequential(Standardize(train_f), head)
-    milestones = [int(m) for m in args.milestones.split(",") if m]
-    crop_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                         T.Normalize(*moco.MEAN_STD[stats])])
-    # cached features: every rank trains the same probe on all features (identical, no communication);
-    # crops: each rank encodes its share of every batch and DDP averages the head's gradients
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    sampler = moco.EpochSampler(len(train_set), args.batch_size // world, args.seed, rank, world)
-    crop_loader = moco.loader(moco.Seeded(train_set, crop_tf), args.batch_size // world, args.workers, sampler, device)
-    step_head = nn.parallel.DistributedDataParallel(head) if world > 1 and aug == "crop" else head
-    g = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
-        for grp in opt.param_groups:  # main_lincls.py: lr x0.1 at each milestone, set per epoch
-            grp["lr"] = args.lr * 0.1 ** sum(epoch >= m for m in milestones)
-        head.train()
-        if aug == "none":
-            perm = torch.randperm(len(train_f), generator=g).to(device)
-            batches = ((train_f[i], train_y[i]) for i in perm.split(args.batch_size))
-        else:
+    if aug == "none":  # cached features: every rank trains the same probe on all of them (no communication)
+        batches = None
+    else:  # crops: each rank encodes its share of every batch and DDP averages the head's gradients
+        crop_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                             T.Normalize(*moco.MEAN_STD[stats])])
+        sampler = moco.EpochSampler(len(train_set), args.batch_size // world, args.seed, rank, world)
+        crop_loader = moco.loader(moco.Seeded(train_set, crop_tf), args.batch_size // world, args.workers, sampler,
+                                  device)
+
+        def batches(epoch):
             sampler.epoch = epoch
-            batches = ((encoder(x.to(device)).flatten(1), y.to(device)) for x, y in crop_loader)
-        total, n = 0.0, 0
-        for f, y in batches:
-            if len(y) < 2 and args.probe == "mlp":
-                continue
-            loss = F.cross_entropy(step_head(f), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        if not torch.isfinite(torch.tensor(total)):
-            raise UserError(f"probe loss is not finite at epoch {epoch + 1}: lower --lr")
-        if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs:
-            say(f"probe epoch {epoch + 1}/{args.epochs} loss {total / max(n, 1):.4f}", flush=True)
-    head.eval()
+            return ((encoder(x.to(device)).flatten(1), y.to(device)) for x, y in crop_loader)
+    head = fit_probe(args, train_f, train_y, classes, batches, ddp=world > 1 and aug == "crop", say=say)
     with torch.no_grad():
         top1, top5 = topk_acc(head(test_f), test_y)
     # main_lincls.py sanity_check: the frozen backbone (weights and BN statistics) did not change

@@ -318,6 +318,10 @@ def load_data(args):
             test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9])
             train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9])
         return train, test, "imagenet"
+    idx = [os.path.join(root, f"{s}-{k}-ubyte.gz") for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+    if args.dataset in ("fashionmnist", "mnist") and all(map(os.path.isfile, idx)):  # the four IDX files in --data
+        x, y, xt, yt = (read_idx(p) for p in idx)  # (as Debian's dataset-fashion-mnist installs them)
+        return ArrayData(x, y), ArrayData(xt, yt), args.dataset
     tv = torchvision.datasets
     kw = dict(root=root, download=args.download)
     try:
@@ -381,12 +385,8 @@ def loader(ds, batch, workers, sampler=None, device=None):
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
                                        num_workers=workers, pin_memory=device is not None and device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(0))
-# --- end shared: data ---
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2b. In-memory data on the device, augmented in batches (--gpu-aug)
-# ----------------------------------------------------------------------------------------------------
 def device_images(ds, device):
     """An in-memory data set as (uint8 [N, 3, H, W] on `device`, int64 labels [N]), or None (image folders).
     Takes ArrayData or TorchvisionData over a data set with a uint8 `.data` array (CIFAR, MNIST, STL-10)."""
@@ -407,8 +407,12 @@ def device_images(ds, device):
     if x.shape[1] != 3:
         return None
     return x.contiguous().to(device), torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
+# --- end shared: data ---
 
 
+# ----------------------------------------------------------------------------------------------------
+# 2b. In-memory data on the device, augmented in batches (--gpu-aug)
+# ----------------------------------------------------------------------------------------------------
 class BatchAugment:
     """Random resized crop, horizontal flip, colour jitter, greyscale, Gaussian blur and normalisation for a
     uint8 batch on any device, every random number drawn from one torch.Generator (reproducible, resumable).
@@ -955,12 +959,14 @@ def train(argv=None):
         if rank == 0:
             save_checkpoint({"algo": "moco", "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
-                             "rng": rng_state(device), "args": dataclasses.asdict(args)}, path)
+                             "rng": rng_state(device), "args": dataclasses.asdict(args),
+                             "time_s": elapsed()}, path)
 
     steps_per_epoch = sampler.steps()
     total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     t_start, first_loss, last_loss, knn = time.perf_counter(), None, None, None
+    elapsed = lambda: (ckpt or {}).get("time_s", 0.0) + time.perf_counter() - t_start  # all runs of a job
     while step < total and epoch < args.epochs:
         lr = adjust_lr(opt, epoch, args)
         sampler.epoch, sampler.skip = epoch, pos
@@ -996,7 +1002,7 @@ def train(argv=None):
                     f"acc5 {a5:.1f} lr {lr:.4g} img/s {seen * args.batch_size / dt:.0f} "
                     f"data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
                     step=step, epoch=epoch + pos / steps_per_epoch, loss=l, acc1=a1, acc5=a5, lr=lr,
-                    img_s=seen * args.batch_size / dt, data_wait=wait / dt)
+                    img_s=seen * args.batch_size / dt, data_wait=wait / dt, time_s=elapsed())
                 t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
             if saving:
                 save(epoch, pos)

@@ -239,6 +239,61 @@ def test_resume_is_exact(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# --gpu-aug: uint8 images on the device, prepared in batches, against the CPU loader's transforms
+# ---------------------------------------------------------------------------------------------------
+def test_batch_prepare_matches_the_cpu_transform():
+    """Resize 28 -> 32 + normalise: the PIL pipeline rounds to uint8 after resizing, so <= ~1/255 apart."""
+    train, _, stats = dim.load_data(dim.Args())
+    x, y = dim.device_images(train, torch.device("cpu"))
+    assert x.shape == (8000, 3, 28, 28) and x.dtype == torch.uint8 and y[:5].tolist() == train.labels[:5]
+    out = dim.BatchPrepare(32, "none", stats)(x[:50], torch.Generator())  # (50, 3, 32, 32)
+    ref = torch.stack([dim.test_transform(32, stats)(train.get(i)[0]) for i in range(50)])
+    err = (out - ref).abs().max().item() * dim.MEAN_STD[stats][1][0] * 255  # in pixel levels
+    assert out.shape == ref.shape and 0 < err <= 1.01, err
+
+
+def test_batch_prepare_crop_is_a_window_of_the_enlarged_image():
+    """aug crop: each sample is a 32x32 window of the image resized to 48 (flipped or not), and the windows
+    and flips vary across samples."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
+    big = dim.BatchPrepare(48, "none", "cifar10")(x, None)  # (16, 3, 48, 48)
+    out = dim.BatchPrepare(32, "crop", "cifar10")(x, torch.Generator().manual_seed(1))  # (16, 3, 32, 32)
+    found = []
+    for n in range(16):
+        hits = [(i, j, f) for i in range(17) for j in range(17) for f in (0, 1)
+                if torch.allclose((big[n, :, i:i + 32, j:j + 32].flip(-1) if f else big[n, :, i:i + 32, j:j + 32]),
+                                  out[n], atol=1e-5)]
+        assert hits, n
+        found.append(hits[0])
+    assert len(set(found)) > 8 and {f for _, _, f in found} == {0, 1}
+
+
+def test_gpu_aug_on_the_cpu_follows_the_loader_and_resumes_exactly(tmp_path):
+    """dim.py --gpu-aug on (built-in data, no augmentation at 32 px): the loss curve of the CPU loader to within
+    the uint8 rounding of the resize, and 6 steps straight == 3 steps, stop, resume to 6 (torch.equal)."""
+    common = ["--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0, "--log-every", 1]
+    run("dim.py", "--out", tmp_path / "cpu", "--max-steps", 6, "--gpu-aug", "off", *common)
+    p = run("dim.py", "--out", tmp_path / "dev", "--max-steps", 6, "--gpu-aug", "on", *common)
+    assert "uint8 on cpu, prepared there in batches" in p.stdout
+    curve = [[json.loads(l)["loss"] for l in open(tmp_path / x / "metrics.jsonl") if '"loss"' in l]
+             for x in ("cpu", "dev")]
+    assert len(curve[0]) == len(curve[1]) == 6
+    assert abs(curve[0][0] - curve[1][0]) < 0.005 * curve[0][0], curve  # the same weights, inputs ~1/255 apart
+    for a, b in zip(*curve):  # then the two runs drift apart slowly, as any two runs of SGD on nearby inputs
+        assert abs(a - b) < 0.04 * abs(a), curve
+    run("dim.py", "--out", tmp_path / "half", "--max-steps", 3, "--gpu-aug", "on", *common)
+    run("dim.py", "--out", tmp_path / "half", "--max-steps", 6, "--gpu-aug", "on", "--resume", "auto")
+    a, c = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in ("dev", "half"))
+    ta, tc = dict(tensors({k: a[k] for k in ("model", "prior", "optimizer")})), \
+        dict(tensors({k: c[k] for k in ("model", "prior", "optimizer")}))
+    assert a["step"] == c["step"] == 6 and ta.keys() == tc.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tc[k]), k
+    assert c["time_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr starting with "error:", exit status 2, no traceback
 # ---------------------------------------------------------------------------------------------------
 def assert_user_error(p, pattern):
@@ -253,6 +308,7 @@ def test_bad_inputs(tmp_path):
     assert_user_error(run("dim.py", "--batch-size", 9000, *quick, check=False), "larger than the training set")
     assert_user_error(run("dim.py", "--estimator", "mine", *quick, check=False), "--estimator")
     assert_user_error(run("dim.py", "--preset", "dimX", *quick, check=False), "unknown --preset")
+    assert_user_error(run("dim.py", "--gpu-aug", "yes", *quick, check=False), "--gpu-aug must be")
     torch.save({"algo": "moco", "args": {}}, tmp_path / "moco.pt")
     assert_user_error(run("dim.py", "--resume", tmp_path / "moco.pt", *quick, check=False), "not a dim.py checkpoint")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

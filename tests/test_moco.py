@@ -398,3 +398,21 @@ def test_unusual_images_just_work(tmp_path):
         assert a.shape == b.shape == test_tf(img).shape == (3, 32, 32)
     deep = dict(zip([os.path.basename(p) for p, _ in data.files], range(6)))["deep16.png"]
     assert np.asarray(data.get(deep)[0]).max() > 128  # 16-bit values are scaled, not clipped to white/black
+
+
+def test_idx_folder_is_read_directly(tmp_path):
+    """--dataset fashionmnist|mnist --data FOLDER with the four IDX .gz files (Debian's layout, torchvision's raw/
+    folder): read with read_idx into memory; with a file missing, torchvision's loader (and its message)."""
+    import shutil
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            shutil.copyfile(os.path.join(ROOT, "data", f"t10k-{kind}-ubyte.gz"), tmp_path / f"{split}-{kind}-ubyte.gz")
+    train, test, stats = moco.load_data(moco.Args(data=str(tmp_path), dataset="fashionmnist"))
+    ref = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
+    assert stats == "fashionmnist" and len(train) == len(test) == 10000
+    assert (train.images == ref).all() and train.labels[:3] == test.labels[:3]
+    x, y = moco.device_images(train, torch.device("cpu"))
+    assert x.shape == (10000, 3, 28, 28) and y.tolist() == train.labels
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(moco.UserError, match="add --download"):
+        moco.load_data(moco.Args(data=str(tmp_path), dataset="fashionmnist"))

@@ -1,0 +1,409 @@
+"""The comparison study: Deep InfoMax and MoCo side by side on Fashion-MNIST, one protocol, one command.
+
+Methods, all with DIM's 32x32 encoder (basic32) and the same pretraining time per run: DIM(L) with the JSD and
+with the infoNCE estimator, DIM(G) (Hjelm et al. 2019, arXiv 1808.06670v5, Eq. 8), and MoCo v2 (Chen et al. 2020,
+arXiv 2003.04297v1) with the queue and the augmentation chosen for 28x28 greyscale images (see METHODS). The
+baselines run in the same job: logistic regression on the raw pixels, the same encoder at random init, and the
+same encoder trained with labels. Every run is moco.py or dim.py itself (called in-process with the flags
+printed in the log), on the 60,000 training images; the probes are eval_linear.py's, on frozen features of the
+10,000 test images: linear probe (standardised features, SGD), the DIM paper's MLP probe, and kNN (k=200).
+
+The pretraining budget is time, not steps: each method's step time is measured first, and every seed of a
+method then runs the same number of steps. A snapshot at half the budget and the encoder at random init (time 0)
+give the curve of the plot.
+
+Results: README.md, section "The comparison study" (table, plot, hardware, date, total time).
+
+Commands
+    python study.py                                      # ~60 min on a 2-core CPU: 120 s per run, 3 seeds
+    python study.py --budget 600 --device cuda           # longer runs on a GPU
+    python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline (~5 min)
+Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
+dataset-fashion-mnist installs them or torchvision's FashionMNIST/raw folder holds them.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dim
+import eval_linear
+import moco
+from moco import UserError, arg
+
+
+@dataclass
+class Args:
+    data: str = arg("../shared/data/fashion-mnist", "folder with the four Fashion-MNIST IDX files (.gz)")
+    out: str = arg("runs/study", "output folder: runs, results.json, results.md, results.png")
+    seeds: int = arg(3, "seeds per method")
+    methods: str = arg("dimL-jsd,dimL-nce,dimG,moco,supervised", "comma-separated subset of METHODS")
+    budget: float = arg(120.0, "pretraining seconds per run (each method, each seed); steps are calibrated")
+    probe_epochs: int = arg(10, "linear-probe epochs (eval_linear.py default 100; lr x0.1 at 60% and 80%)")
+    mlp_epochs: int = arg(5, "MLP-probe epochs on the headline layer (eval_linear.py default 100)")
+    knn_conv: str = arg("auto", "kNN on DIM's 4096-d conv features too: on|off|auto (= on a GPU; ~50 s per encoder "
+                                "on 2 CPU cores)")
+    device: str = arg("auto", "auto|cpu|cuda")
+    threads: int = arg(0, "torch threads (0 = torch's default)")
+
+
+# Each method: (script, flags on top of the script's presets, layers probed, the layer of the MLP probe). The
+# curve of the plot uses the conv tap (the 256x4x4 map, 4096-d) of every encoder, the layer they all share.
+# Choices for this data and budget (README, "The comparison study", says why): DIM with Adam lr 5e-4 (paper 1e-4)
+# and a 256-unit local critic (paper 2048); MoCo v2 with the CIFAR notebook's recipe (K 4096, m 0.99, no blur),
+# the v2 MLP head and T 0.2, and crops of at least 40% of the image (paper 8-20%).
+COMMON = ["--dataset", "fashionmnist", "--knn-every", "0", "--gpu-aug", "on", "--log-every", "20"]
+DIM_FLAGS = ["--mi-units", "256", "--lr", "5e-4"]
+METHODS = {
+    "dimL-jsd": ("dim", ["--preset", "dimL", "--estimator", "jsd", *DIM_FLAGS], ("conv", "fc", "y"), "conv"),
+    "dimL-nce": ("dim", ["--preset", "dimL", "--estimator", "nce", *DIM_FLAGS], ("conv", "fc", "y"), "conv"),
+    "dimG": ("dim", ["--preset", "dimG", *DIM_FLAGS], ("conv", "fc", "y"), "conv"),
+    "moco": ("moco", ["--preset", "small", "--mlp", "--moco-t", "0.2", "--crop-min", "0.4"], ("conv", "backbone"),
+             "backbone"),
+    "supervised": ("supervised", [], ("conv", "backbone"), "backbone"),
+}
+LABELS = {"dimL-jsd": "DIM(L) JSD", "dimL-nce": "DIM(L) infoNCE", "dimG": "DIM(G) JSD", "moco": "MoCo v2",
+          "supervised": "supervised", "random": "random init", "pixels": "raw pixels"}
+SNAPSHOTS = (0.5, 1.0)  # fractions of the budget evaluated for the curve; time 0 = random init
+
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(name, type=f.type, default=f.default, help=f.metadata["help"])
+    args = Args(**vars(p.parse_args(argv)))
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise UserError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.knn_conv not in ("on", "off", "auto"):
+        raise UserError(f"--knn-conv must be on, off or auto, not {args.knn_conv!r}")
+    if args.seeds < 1 or args.budget <= 0:
+        raise UserError("--seeds must be >= 1 and --budget > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the images as eval_linear.py shows them to the encoder (resize 28 -> 32 by PIL, normalise)
+# ----------------------------------------------------------------------------------------------------
+def eval_views(args):
+    """-> {split: (images [N, 1, 32, 32] float, normalised; labels [N]; raw pixels [N, 784] in [0, 1])}."""
+    train, test, stats = moco.load_data(moco.Args(data=args.data, dataset="fashionmnist"))
+    tf = moco.test_transform(32, stats)
+    out = {}
+    for name, ds in (("train", train), ("test", test)):
+        x = torch.stack([tf(ds.get(i)[0])[:1] for i in range(len(ds))])  # (N, 1, 32, 32): the 3 channels are equal
+        pixels = torch.from_numpy(ds.images.reshape(len(ds), -1)).float() / 255  # (N, 784)
+        out[name] = (x, torch.tensor(ds.labels), pixels)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pretraining: moco.py and dim.py in-process, snapshots by resuming; supervised training for the upper bound
+# ----------------------------------------------------------------------------------------------------
+def script_argv(method, args, seed, out, steps, total, n_train):
+    """The flags of one run: `steps` of a run whose schedule is laid out for `total` steps."""
+    per_epoch = n_train // (256 if METHODS[method][0] == "moco" else 64)  # the presets' batch sizes
+    return COMMON + METHODS[method][1] + ["--data", args.data, "--out", out, "--seed", str(seed), "--device",
+                                          args.device, "--max-steps", str(steps), "--epochs",
+                                          str(math.ceil(total / per_epoch)), "--resume", "auto"]
+
+
+def run_script(method, argv):
+    script = {"moco": moco, "dim": dim}[METHODS[method][0]]
+    print(f"$ python {script.__name__}.py {' '.join(argv)}", flush=True)
+    try:
+        script.train(argv)
+    except script.UserError as e:
+        raise UserError(f"{method}: {e}")
+    ckpt = torch.load(os.path.join(argv[argv.index("--out") + 1], "ckpt.pt"), map_location="cpu", weights_only=False)
+    return ckpt["time_s"], ckpt["step"]
+
+
+def supervised(args, seed, out, steps, device):
+    """The upper bound: the same basic32 encoder + a linear classifier trained with the labels (cross-entropy),
+    SGD lr 0.1 (momentum 0.9, weight decay 5e-4, cosine over the steps), batch 256, random resized crops
+    (scale 0.5-1) and flips drawn by moco.py's BatchAugment. -> (seconds, steps); saves OUT/encoder.pt."""
+    torch.manual_seed(seed)
+    data = moco.Args(data=args.data, dataset="fashionmnist")
+    train_set, _, stats = moco.load_data(data)
+    images, labels = moco.device_images(train_set, device)
+    augment = moco.BatchAugment(32, (0.5, 1.0), (0, 0, 0, 0), 0.0, 0.0, 0.0, (), moco.MEAN_STD[stats])
+    net = moco.build_encoder("basic32", num_classes=10).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator(device).manual_seed(seed)
+    order = torch.cat([torch.randperm(len(images), generator=g, device=device)
+                       for _ in range(math.ceil(steps * 256 / len(images)))])
+    net.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        i = order[step * 256:(step + 1) * 256]
+        loss = F.cross_entropy(net(augment(images[i], g)), labels[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 20 == 0 or step + 1 == steps:
+            print(f"supervised seed {seed} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    seconds = time.perf_counter() - t0
+    os.makedirs(out, exist_ok=True)
+    torch.save({"model": net.state_dict(), "time_s": seconds, "step": steps}, os.path.join(out, "encoder.pt"))
+    return seconds, steps
+
+
+def calibrate(method, args, work, device, n_train):
+    """Seconds per training step of `method`, timed over steps 5-12 of a throwaway run."""
+    out = os.path.join(work, f"calibrate-{method}")
+    shutil.rmtree(out, ignore_errors=True)
+    if method == "supervised":
+        return supervised(args, 0, out, 12, device)[0] / 12
+    run_script(method, script_argv(method, args, 0, out, 12, 12, n_train) + ["--log-every", "4"])
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"time_s"' in l]
+    return (lines[-1]["time_s"] - lines[0]["time_s"]) / (lines[-1]["step"] - lines[0]["step"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: frozen features -> linear probe, MLP probe, kNN (eval_linear.py's code)
+# ----------------------------------------------------------------------------------------------------
+def basic32_taps(net):
+    """moco.py's Basic32 (fc = Identity) -> images -> {conv: the 256x4x4 map, backbone: the 1024-d FC layer}."""
+    conv, fc = net.eval().features[:11], net.features[11:]  # [3 conv blocks, pool, flatten], [Linear, BN, ReLU]
+
+    def taps(x):
+        c = conv(x)  # (N, 4096)
+        return {"conv": c, "backbone": fc(c)}  # (N, 4096), (N, 1024)
+    return taps
+
+
+def encoder_of(method, path, seed, layers):
+    """-> images -> {layer: features (N, D)} for a checkpoint (path None = the random-init encoder)."""
+    if method == "supervised":
+        net = moco.build_encoder("basic32", num_classes=10)
+        net.load_state_dict(torch.load(path, map_location="cpu")["model"])
+        net.fc = nn.Identity()
+        return basic32_taps(net)
+    if METHODS.get(method, ("dim",))[0] == "moco":  # eval_linear.py's loader: encoder_q without its head
+        return basic32_taps(eval_linear.load_encoder(eval_linear.Args(pretrained=path, layer="backbone"))[0])
+    if path is None:  # eval_linear.py --random-init
+        torch.manual_seed(seed)
+        enc = dim.build_encoder("basic32", 32)
+    else:
+        enc = dim.encoder_for_eval(torch.load(path, map_location="cpu", weights_only=False), "y").encoder
+    enc.eval()
+    return lambda x: {k: v.flatten(1) for k, v in enc(x, "y").items() if k in layers}
+
+
+@torch.no_grad()
+def extract(encode, views, device):
+    """-> {layer: (train features, test features)} through the frozen encoder, batches of 1000."""
+    out = {}
+    for split in ("train", "test"):
+        parts = [encode(x.expand(-1, 3, -1, -1).to(device)) for x in views[split][0].split(1000)]
+        for k in parts[0]:
+            out.setdefault(k, []).append(torch.cat([p[k].float() for p in parts]))
+    return out
+
+
+def probe(kind, train_f, test_f, views, seed, args):
+    """-> top-1 % on the test images of a probe trained on the training images' features."""
+    train_y, test_y = views["train"][1].to(train_f.device), views["test"][1].to(train_f.device)
+    if kind == "knn":
+        nf = lambda f: F.normalize(f, dim=1)
+        return (moco.knn_predict(nf(test_f), nf(train_f), train_y, 10) == test_y).float().mean().item() * 100
+    e = args.probe_epochs if kind == "linear" else args.mlp_epochs
+    # linear: eval_linear's standardised SGD protocol, shortened; mlp: the DIM paper's probe at batch 256 and
+    # lr 4e-4 (eval_linear: batch 64, lr 1e-4), so that 10 epochs fit the CPU budget
+    pa = eval_linear.Args(probe=kind, epochs=e, batch_size=256, lr=0.1 if kind == "linear" else 4e-4,
+                          milestones=f"{round(0.6 * e)},{round(0.8 * e)}" if kind == "linear" else f"{round(0.5 * e)}",
+                          seed=seed)
+    head = eval_linear.fit_probe(pa, train_f, train_y, 10, say=lambda *a, **k: None)
+    with torch.no_grad():
+        return eval_linear.topk_acc(head(test_f), test_y)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------------
+SUBSET = 10000  # the curve's probe: trained on the first 10,000 training images' features (cheap, for snapshots)
+
+
+def evaluate(method, path, seed, views, args, device, full, layers=None):
+    """-> {(layer, probe): top-1}. Always the curve's probe (linear, trained on SUBSET training images) on the
+    conv tap; with full, also every layer's linear probe and kNN, and the MLP probe on the method's MLP layer."""
+    layers = layers or METHODS[method][2]
+    mlp_layer = METHODS[method][3] if method in METHODS else "conv"
+    sub = {"train": tuple(t[:SUBSET] for t in views["train"]), "test": views["test"]}
+    feats = extract(encoder_of(method, path, seed, layers), views if full else sub, device)
+    res = {("conv", "curve"): probe("linear", feats["conv"][0][:SUBSET], feats["conv"][1], sub, seed, args)}
+    if full:
+        for layer, (tr, te) in feats.items():
+            res[(layer, "linear")] = probe("linear", tr, te, views, seed, args)
+            if tr.shape[1] <= 1024 or args.knn_conv == "on" or args.knn_conv == "auto" and device.type == "cuda":
+                res[(layer, "knn")] = probe("knn", tr, te, views, seed, args)
+            if layer == mlp_layer and args.mlp_epochs:
+                res[(layer, "mlp")] = probe("mlp", tr, te, views, seed, args)
+    return res
+
+
+def record(path, **row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print("result: " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+          flush=True)
+
+
+def run_study(args):
+    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "results.jsonl")
+    done = {(r["method"], r["seed"], r["frac"]) for r in map(json.loads, open(log))} if os.path.exists(log) else set()
+    t_start = time.perf_counter()
+    views = eval_views(args)
+    seeds, n_train = range(args.seeds), len(views["train"][1])
+    for seed in seeds:  # baselines: raw pixels (784-d), and the encoder at random init (time 0 of the curves)
+        if ("pixels", seed, 1.0) not in done:
+            tr, te = views["train"][2].to(device), views["test"][2].to(device)  # (60000, 784), (10000, 784)
+            for kind, n in (("linear", len(tr)), ("curve", SUBSET)):
+                record(log, method="pixels", seed=seed, frac=1.0, time_s=0.0, steps=0, layer="pixels", probe=kind,
+                       top1=probe("linear", tr[:n], te, {"train": tuple(t[:n] for t in views["train"]),
+                                                         "test": views["test"]}, seed, args))
+        if ("random", seed, 1.0) not in done:
+            for (layer, kind), top1 in evaluate("dim", None, seed, views, args, device, True,
+                                                ("conv", "fc", "y")).items():
+                record(log, method="random", seed=seed, frac=1.0, time_s=0.0, steps=0, layer=layer, probe=kind,
+                       top1=top1)
+    for method in args.methods.split(","):
+        fracs = (1.0,) if method == "supervised" else SNAPSHOTS
+        if all((method, seed, frac) in done for seed in seeds for frac in fracs):
+            continue
+        work = os.path.join(args.out, method)
+        sec = calibrate(method, args, work, device, n_train)
+        steps = max(8, int(args.budget / sec))
+        print(f"{method}: {sec:.3f} s per step -> {steps} steps for {args.budget:.0f} s", flush=True)
+        for seed in seeds:
+            out = os.path.join(work, f"seed{seed}")
+            for frac in fracs:
+                if (method, seed, frac) in done:
+                    continue
+                n = max(1, round(frac * steps))
+                if method == "supervised":
+                    time_s, n = supervised(args, seed, out, steps, device)
+                    path = os.path.join(out, "encoder.pt")
+                else:
+                    time_s, n = run_script(method, script_argv(method, args, seed, out, n, steps, n_train))
+                    path = os.path.join(out, f"ckpt_{n}.pt")
+                    shutil.copyfile(os.path.join(out, "ckpt.pt"), path)
+                for (layer, kind), top1 in evaluate(method, path, seed, views, args, device, frac == 1.0).items():
+                    record(log, method=method, seed=seed, frac=frac, time_s=time_s, steps=n, layer=layer, probe=kind,
+                           top1=top1)
+    rows = [json.loads(l) for l in open(log)]
+    clock = os.path.join(args.out, "seconds.txt")  # the study's wall time, summed over calls that resumed it
+    total = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
+    with open(clock, "w") as f:
+        f.write(f"{total:.1f}\n")
+    table = report(rows, args, total)
+    print(table)
+    plot(rows, os.path.join(args.out, "results.png"))
+    return rows
+
+
+def mean_std(v):
+    m = sum(v) / len(v)
+    return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+
+
+def report(rows, args, seconds):
+    """The Markdown table: one row per (method, layer); mean ± std over seeds of each probe's top-1, and the
+    linear probe's margin over the random-init encoder's same layer (moco.py's backbone = dim.py's fc tap)."""
+    final = [r for r in rows if r["frac"] == 1.0]
+    order = ["pixels", "random"] + [m for m in METHODS if m in {r["method"] for r in final}]
+
+    def top1(method, layer, kind):
+        return [r["top1"] for r in final if (r["method"], r["layer"], r["probe"]) == (method, layer, kind)]
+    lines = [f"Fashion-MNIST test top-1 % (mean ± std over {args.seeds} seeds), pretraining {args.budget:.0f} s per "
+             "run; probes trained on the frozen features of all 60,000 training images (curve probe: the first "
+             f"{SUBSET:,})", "",
+             "| method | layer | linear | MLP | kNN | curve probe | linear vs random init | pretraining s | steps |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in order:
+        for layer in dict.fromkeys(r["layer"] for r in final if r["method"] == method):
+            cells = ["%.2f ± %.2f" % mean_std(v) if v else "" for v in
+                     (top1(method, layer, kind) for kind in ("linear", "mlp", "knn", "curve"))]
+            margin, mine = "", top1(method, layer, "linear")
+            rand = top1("random", {"backbone": "fc"}.get(layer, layer), "linear")
+            if method not in ("pixels", "random") and mine and rand:
+                (m1, s1), (m0, s0) = mean_std(mine), mean_std(rand)
+                margin = f"{m1 - m0:+.2f} ({(m1 - m0) / max(s1, s0, 1e-9):+.1f} std)"
+            own = [r for r in final if (r["method"], r["layer"], r["probe"]) == (method, layer, "linear")]
+            lines.append(f"| {LABELS[method]} | {layer} | " + " | ".join(cells) + f" | {margin} | "
+                         f"{sum(r['time_s'] for r in own) / len(own):.0f} | {own[0]['steps']} |")
+    lines += ["", f"total run time {moco.fmt_time(seconds)}; `python study.py {' '.join(sys.argv[1:])}`".rstrip()]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def plot(rows, path):
+    """Accuracy of the curve probe against pretraining seconds, mean ± std over seeds (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no matplotlib, no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curve = [r for r in rows if r["probe"] == "curve"]
+    start = mean_std([r["top1"] for r in curve if r["method"] == "random" and r["layer"] == "conv"])[0]
+    for method in [m for m in METHODS if m != "supervised" and any(r["method"] == m for r in curve)]:
+        pts = [(0.0, [start])]
+        for frac in SNAPSHOTS:
+            got = [r for r in curve if r["method"] == method and r["frac"] == frac]
+            if got:
+                pts.append((sum(r["time_s"] for r in got) / len(got), [r["top1"] for r in got]))
+        xs, ms = [p[0] for p in pts], [mean_std(p[1]) for p in pts]
+        ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, label=LABELS[method])
+    for method, style in (("supervised", "--"), ("pixels", ":")):  # baselines as horizontal lines
+        v = [r["top1"] for r in curve if r["method"] == method]
+        if v:
+            ax.axhline(mean_std(v)[0], ls=style, c="grey", label=LABELS[method] + (" (same budget)" if
+                                                                                   method == "supervised" else ""))
+    ax.set_xlabel("pretraining time per run (s)")
+    ax.set_ylabel(f"test top-1 % (linear probe on the conv tap,\ntrained on {SUBSET} images)")
+    ax.set_title("Fashion-MNIST, DIM's basic32 encoder; time 0 = random init")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    try:
+        run_study(parse_args(argv))
+    except UserError as e:
+        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""study.py end to end on a small IDX folder cut from the built-in data (the real study needs the full data set)."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import moco  # noqa: E402
+
+
+def write_idx(path, a):
+    """IDX: two zero bytes, type 0x08 (uint8), the number of dims, one big-endian uint32 per dim, the data."""
+    head = bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + a.astype(np.uint8).tobytes())
+
+
+def test_study_runs_end_to_end(tmp_path):
+    x = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
+    y = moco.read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for split, sl in (("train", slice(0, 1200)), ("t10k", slice(8000, 8400))):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", x[sl])
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", y[sl])
+    out = tmp_path / "out"
+    argv = ["--data", data, "--out", out, "--budget", 2, "--seeds", 2, "--methods", "dimL-jsd,moco,supervised",
+            "--probe-epochs", 3, "--mlp-epochs", 1, "--device", "cpu", "--knn-conv", "on"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(l) for l in open(out / "results.jsonl")]
+    got = {(r["method"], r["layer"], r["probe"], r["frac"]) for r in rows}
+    for method, layers in (("dimL-jsd", ("conv", "fc", "y")), ("moco", ("conv", "backbone")),
+                           ("supervised", ("conv", "backbone")), ("random", ("conv", "fc", "y"))):
+        for layer in layers:
+            assert (method, layer, "linear", 1.0) in got and (method, layer, "knn", 1.0) in got, (method, layer)
+    assert ("dimL-jsd", "conv", "mlp", 1.0) in got and ("moco", "backbone", "mlp", 1.0) in got
+    assert ("moco", "conv", "curve", 0.5) in got and ("dimL-jsd", "conv", "curve", 0.5) in got
+    assert ("pixels", "pixels", "linear", 1.0) in got and ("pixels", "pixels", "curve", 1.0) in got
+    assert all(0 <= r["top1"] <= 100 for r in rows) and len({r["seed"] for r in rows}) == 2
+    sup = [r["top1"] for r in rows if r["method"] == "supervised" and r["probe"] == "linear"]
+    rnd = [r["top1"] for r in rows if r["method"] == "random" and r["probe"] == "linear" and r["layer"] == "fc"]
+    assert min(sup) > 10 and min(rnd) > 10  # far above chance even on 1,200 images
+    assert (out / "results.png").exists() or "no matplotlib" in p.stdout  # matplotlib is optional
+    table = (out / "results.md").read_text()
+    for label in ("DIM(L) JSD", "MoCo v2", "supervised", "random init", "raw pixels"):
+        assert f"| {label} |" in table
+    assert " ± " in table and "total run time" in table
+    # the runs are the scripts themselves: their checkpoints and logs are there, with the budget's step count
+    ck = [n for n in os.listdir(out / "moco" / "seed0") if n.startswith("ckpt_")]
+    assert len(ck) == 2 and (out / "moco" / "seed0" / "metrics.jsonl").exists()
+    # a second call finds every result and only rewrites the table
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+    assert p.returncode == 0 and "$ python" not in p.stdout and "s per step" not in p.stdout, p.stdout[-2000:]
+    assert len([json.loads(l) for l in open(out / "results.jsonl")]) == len(rows)
