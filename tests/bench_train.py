@@ -249,6 +249,32 @@ def bench_data(device, batch, workers, n_batches):
     return cpu, timed(step, batch, device, 2, n_batches)
 
 
+def bench_dim_data(device, batch, workers, n_batches):
+    """Images per second for dim.py at 32 px (28 px greyscale resized, as Fashion-MNIST): CPU loader vs BatchPrepare."""
+    import dim
+    rng = np.random.default_rng(0)
+    data = dim.ArrayData(rng.integers(0, 256, (batch * (n_batches + 2), 28, 28), dtype=np.uint8),
+                         np.zeros(batch * (n_batches + 2)))
+    args = dim.resolve(dim.parse_args([])[0])
+    train_tf, _ = dim.transforms(args, "fashionmnist")
+    it = iter(dim.loader(dim.Seeded(data, train_tf), batch, workers, dim.EpochSampler(len(data), batch, 0), device))
+    next(it)
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        x = next(it)[0].to(device, non_blocking=True)
+    sync(device)
+    cpu = batch * n_batches / (time.perf_counter() - t)
+    del it
+    images = dim.device_images(data, device)[0]
+    prepare = dim.BatchPrepare(32, args.aug, "fashionmnist")
+    idx = torch.randperm(len(data), device=device).view(-1, batch)  # (n_batches + 2, B)
+
+    def step(s=[0]):
+        s[0] += 1
+        return prepare(images[idx[s[0] % len(idx)]], None)  # (B, 3, 32, 32)
+    return cpu, timed(step, batch, device, 2, n_batches)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes on the CPU")
@@ -313,6 +339,9 @@ def main():
     cpu, ours = bench_data(device, batch, workers, n)
     print(f"data path, 32px pairs/s (cifar aug, batch {batch}): CPU loader ({workers} workers) {cpu:.0f}, "
           f"BatchAugment on {device.type} {ours:.0f}: {ours / cpu:.2f}x")
+    cpu, ours = bench_dim_data(device, 4 * batch, workers, n)
+    print(f"data path, dim.py 28->32px images/s (batch {4 * batch}): CPU loader ({workers} workers) {cpu:.0f}, "
+          f"BatchPrepare on {device.type} {ours:.0f}: {ours / cpu:.2f}x")
 
 
 if __name__ == "__main__":
