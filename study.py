@@ -12,7 +12,10 @@ The pretraining budget is time, not steps: each method's step time is measured f
 method then runs the same number of steps. A snapshot at half the budget and the encoder at random init (time 0)
 give the curve of the plot.
 
-Results: README.md, section "The comparison study" (table, plot, hardware, date, total time).
+Results (README.md, "The comparison study"): `python study.py` on a 2-core CPU, 2026-11-29, 1 h 09 min in all, 3
+seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.91 ± 0.19, random init 87.61 ± 0.17
+(conv), DIM(L) JSD 88.59 ± 0.14 (conv), DIM(L) infoNCE 88.76 ± 0.09 (conv), DIM(G) 88.70 ± 0.16 (conv), MoCo v2
+88.57 ± 0.40 (conv) and 87.46 ± 0.28 (backbone), supervised 89.78 ± 0.13 (conv).
 
 Commands
     python study.py                                      # ~60 min on a 2-core CPU: 120 s per run, 3 seeds
@@ -294,9 +297,15 @@ def run_study(args):
         fracs = (1.0,) if method == "supervised" else SNAPSHOTS
         if all((method, seed, frac) in done for seed in seeds for frac in fracs):
             continue
-        work = os.path.join(args.out, method)
-        sec = calibrate(method, args, work, device, n_train)
-        steps = max(8, int(args.budget / sec))
+        work, plan = os.path.join(args.out, method), os.path.join(args.out, method, "steps.json")
+        if os.path.exists(plan):  # a resumed study keeps the step count its first seeds ran
+            sec, steps = json.load(open(plan))
+        else:
+            sec = calibrate(method, args, work, device, n_train)
+            steps = max(8, int(args.budget / sec))
+            os.makedirs(work, exist_ok=True)
+            with open(plan, "w") as f:
+                json.dump([sec, steps], f)
         print(f"{method}: {sec:.3f} s per step -> {steps} steps for {args.budget:.0f} s", flush=True)
         for seed in seeds:
             out = os.path.join(work, f"seed{seed}")
