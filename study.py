@@ -18,7 +18,7 @@ seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.91 
 88.57 ± 0.40 (conv) and 87.46 ± 0.28 (backbone), supervised 89.78 ± 0.13 (conv).
 
 Commands
-    python study.py                                      # ~60 min on a 2-core CPU: 120 s per run, 3 seeds
+    python study.py                                      # 69 min on a 2-core CPU: 120 s per run, 3 seeds
     python study.py --budget 600 --device cuda           # longer runs on a GPU
     python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline (~5 min)
 Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
