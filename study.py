@@ -20,7 +20,7 @@ seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.91 
 Commands
     python study.py                                      # 69 min on a 2-core CPU: 120 s per run, 3 seeds
     python study.py --budget 600 --device cuda           # longer runs on a GPU
-    python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline (~5 min)
+    python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline
 Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
 dataset-fashion-mnist installs them or torchvision's FashionMNIST/raw folder holds them.
 """
