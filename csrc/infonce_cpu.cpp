@@ -8,8 +8,10 @@
 //   n_beat_i  = #{ j >= 1 : l_ij > l_i0 }   (acc@1: n_beat == 0, acc@5: n_beat < 5)
 // The queue is read in column tiles. Per tile: S^T = V^T @ (q/T)^T (GEMM, scores stored
 // transposed), an online max/sum update of (m, l) per row (acc is rescaled by
-// exp(m_old - m_new)), then acc += exp(S - m) @ V^T (GEMM). The row updates are split across threads; the
-// GEMMs use BLAS's own threads.
+// exp(m_old - m_new)), then acc += exp(S - m) @ V^T (GEMM). With several threads the queue
+// is split into one column range per thread (split-K, single-threaded GEMMs) and the
+// partial (m, l, acc, count) are merged per row:
+//   m = max_s m_s,  l = sum_s l_s exp(m_s - m),  acc = sum_s acc_s exp(m_s - m).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,8 +24,8 @@
 namespace moco_ext {
 namespace {
 
-// Tiles of 2048 columns: each tile costs three fork/joins (two BLAS calls, one update);
-// measured on the 2-core machine, 2048 beat 1024 and 4096 for the GEMM shapes used here.
+// Tiles of 2048 columns: measured on the 2-core machine, 2048 beat 1024 and matched 4096
+// for the GEMM shapes used here, with half the score buffer of 4096.
 constexpr int64_t kTile = 2048;     // queue columns per tile
 constexpr int64_t kRowBlock = 256;  // rows per GEMM; S tile is 2048*256*4 B = 2 MiB
 
@@ -82,9 +84,15 @@ inline __attribute__((always_inline)) void tile_update_body(T* st, int64_t n, in
   }
 }
 
-// The float version is compiled twice (AVX2+FMA and baseline), picked at load time.
+// The float version is compiled twice (AVX2+FMA and baseline), picked at load time by
+// CPU feature (not "arch=haswell", whose resolver tests the CPU model: false on AMD Zen).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("arch=haswell", "default")))
+__attribute__((target("avx2,fma")))
+void tile_update(float* st, int64_t n, int64_t R, int64_t r0, int64_t r1, const float* pos,
+                 float* m, float* l, int64_t* cnt, float* mx, float* sum, float* scale) {
+  tile_update_body<float>(st, n, R, r0, r1, pos, m, l, cnt, mx, sum, scale);
+}
+__attribute__((target("default")))
 #endif
 void tile_update(float* st, int64_t n, int64_t R, int64_t r0, int64_t r1, const float* pos,
                  float* m, float* l, int64_t* cnt, float* mx, float* sum, float* scale) {
@@ -93,6 +101,43 @@ void tile_update(float* st, int64_t n, int64_t R, int64_t r0, int64_t r1, const 
 void tile_update(double* st, int64_t n, int64_t R, int64_t r0, int64_t r1, const double* pos,
                  double* m, double* l, int64_t* cnt, double* mx, double* sum, double* scale) {
   tile_update_body<double>(st, n, R, r0, r1, pos, m, l, cnt, mx, sum, scale);
+}
+
+// Online-softmax state of R rows over one range of queue columns (one per split).
+template <typename T>
+struct Partial {
+  std::vector<T> m, l, mx, sum, scale;  // running max, running sum, per-tile scratch
+  std::vector<int64_t> cnt;             // negatives scored above the positive
+  at::Tensor acc_buf, acc;              // (RB, C) storage; (R, C) view: sum_j exp(s_j - m) v_j
+  at::Tensor st;                        // (kTile * R): transposed score tile
+};
+
+// Walks queue columns [c0, c1) in tiles of kTile for the rows qb (R, C) = q/T, updating p.
+// p starts at m = s_0 (the positive's score, a finite reference), with l and acc either
+// holding the positive (l = 1, acc = k) or empty (l = 0, acc = 0).
+template <typename T>
+void walk_queue(const at::Tensor& qb, const at::Tensor& queue, int64_t c0, int64_t c1,
+                const T* pos, Partial<T>& p) {
+  const int64_t R = qb.size(0), C = qb.size(1);
+  T* acc_p = p.acc.template data_ptr<T>();
+  for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
+    const int64_t B = std::min(kTile, c1 - j0);
+    at::Tensor vt = queue.narrow(1, j0, B).t();                    // (B, C), a strided view
+    at::Tensor st = p.st.narrow(0, 0, B * R).view({B, R});         // (B, R)
+    at::mm_out(st, vt, qb.t());                                    // S^T = V^T Q^T
+    T* st_p = st.template data_ptr<T>();
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {      // inline inside a split
+      tile_update(st_p, B, R, r0, r1, pos, p.m.data(), p.l.data(), p.cnt.data(),
+                  p.mx.data(), p.sum.data(), p.scale.data());
+      for (int64_t r = r0; r < r1; ++r) {
+        if (p.scale[r] != T(1)) {
+          T* a = acc_p + r * C;
+          for (int64_t c = 0; c < C; ++c) a[c] *= p.scale[r];
+        }
+      }
+    });
+    p.acc.addmm_(st.t(), vt);                                      // acc += P (R,B) @ V^T (B,C)
+  }
 }
 
 template <typename T>
@@ -107,53 +152,68 @@ void loss_kernel(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& qu
   T* dq_p = dq.data_ptr<T>();
   T* dk_p = dk.data_ptr<T>();
   const int64_t RB = std::min(kRowBlock, N);
-  at::Tensor st_buf = at::empty({kTile * RB}, qs.options());  // transposed score tile
-  at::Tensor vt_buf = at::empty({kTile, C}, qs.options());    // tile of the queue as [B, C]
-  std::vector<T> m(RB), l(RB), pos(RB), mx(RB), sum(RB), scale(RB);
-  std::vector<int64_t> cnt(RB);
+  // Split-K over threads: each thread walks its own range of queue columns with
+  // single-threaded GEMMs (BLAS runs sequentially inside a parallel region), and the
+  // partials are merged per row: one fork/join per row block instead of three per tile.
+  // With one thread, or a queue of one tile, a single split uses threaded BLAS instead.
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                           (K + kTile - 1) / kTile));
+  std::vector<Partial<T>> parts(S);
+  for (auto& p : parts) {
+    for (auto* v : {&p.m, &p.l, &p.mx, &p.sum, &p.scale}) v->resize(RB);
+    p.cnt.resize(RB);
+    p.acc_buf = at::empty({RB, C}, qs.options());
+    p.st = at::empty({kTile * RB}, qs.options());
+  }
+  std::vector<T> pos(RB);
 
-  // The GEMMs are called from this thread and parallelised inside BLAS; only the tile
-  // updates run in at::parallel_for. (BLAS calls inside a parallel region oversubscribe
-  // the cores.) Scores are computed transposed, S^T = V^T Q^T ([B, R]): with the long
-  // dimension B as the GEMM's M, MKL runs this shape markedly faster than Q V ([R, B]).
+  // Scores are computed transposed, S^T = V^T Q^T ([B, R]): with the long dimension B as
+  // the GEMM's M, MKL runs this shape markedly faster than Q V ([R, B]).
   for (int64_t rb = 0; rb < N; rb += kRowBlock) {
     const int64_t R = std::min(kRowBlock, N - rb);
     at::Tensor qb = qs.narrow(0, rb, R);                           // (R, C)
-    at::Tensor acc = k.narrow(0, rb, R).clone();                   // (R, C): sum_j e^{l_j-m} v_j
-    T* acc_p = acc.data_ptr<T>();
-    for (int64_t r = 0; r < R; ++r) {                              // start from the positive
+    for (int64_t r = 0; r < R; ++r) {                              // the positive's score
       T d = 0;
       for (int64_t c = 0; c < C; ++c) d += qs_p[(rb + r) * C + c] * k_p[(rb + r) * C + c];
-      pos[r] = d;  m[r] = d;  l[r] = 1;  cnt[r] = 0;
+      pos[r] = d;
     }
-    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-      const int64_t B = std::min(kTile, K - j0);
-      at::Tensor vt = vt_buf.narrow(0, 0, B);                      // (B, C)
-      vt.copy_(queue.narrow(1, j0, B).t());                        // small copy, contiguous rows
-      at::Tensor st = st_buf.narrow(0, 0, B * R).view({B, R});     // (B, R)
-      at::mm_out(st, vt, qb.t());                                  // S^T = V^T Q^T
-      T* st_p = st.data_ptr<T>();
-      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-        tile_update(st_p, B, R, r0, r1, pos.data(), m.data(), l.data(), cnt.data(), mx.data(),
-                    sum.data(), scale.data());
-        for (int64_t r = r0; r < r1; ++r) {
-          if (scale[r] != T(1)) {
-            T* a = acc_p + r * C;
-            for (int64_t c = 0; c < C; ++c) a[c] *= scale[r];
-          }
-        }
+    for (int64_t s = 0; s < S; ++s) {                              // split 0 holds the positive
+      Partial<T>& p = parts[s];
+      for (int64_t r = 0; r < R; ++r) { p.m[r] = pos[r]; p.l[r] = s == 0 ? 1 : 0; p.cnt[r] = 0; }
+      p.acc = p.acc_buf.narrow(0, 0, R);
+      if (s == 0) p.acc.copy_(k.narrow(0, rb, R)); else p.acc.zero_();
+    }
+    if (S == 1) {
+      walk_queue<T>(qb, queue, 0, K, pos.data(), parts[0]);
+    } else {
+      at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s)
+          walk_queue<T>(qb, queue, K * s / S, K * (s + 1) / S, pos.data(), parts[s]);
       });
-      acc.addmm_(st.t(), vt);                                      // acc += P (R,B) @ V^T (B,C)
+    }
+    // Merge the splits: m = max_s m_s, l = sum_s l_s e^{m_s - m}, acc likewise.
+    Partial<T>& p0 = parts[0];
+    T* acc_p = p0.acc.template data_ptr<T>();
+    for (int64_t s = 1; s < S; ++s) {
+      const T* a_s = parts[s].acc.template data_ptr<T>();
+      for (int64_t r = 0; r < R; ++r) {
+        const T m = std::max(p0.m[r], parts[s].m[r]);
+        const T e0 = std::exp(p0.m[r] - m), es = std::exp(parts[s].m[r] - m);
+        p0.l[r] = p0.l[r] * e0 + parts[s].l[r] * es;
+        p0.m[r] = m;
+        p0.cnt[r] += parts[s].cnt[r];
+        for (int64_t c = 0; c < C; ++c) acc_p[r * C + c] = acc_p[r * C + c] * e0 + a_s[r * C + c] * es;
+      }
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = rb + r;
-      const T inv_l = T(1) / l[r];
-      loss_p[i] = m[r] + std::log(l[r]) - pos[r];
-      nb_p[i] = cnt[r];
-      const T p0 = std::exp(pos[r] - m[r]) * inv_l;
+      const T m = p0.m[r], l = p0.l[r], inv_l = T(1) / l;
+      loss_p[i] = m + std::log(l) - pos[r];
+      nb_p[i] = p0.cnt[r];
+      const T p_pos = std::exp(pos[r] - m) * inv_l;
       for (int64_t c = 0; c < C; ++c) {
         dq_p[i * C + c] = (acc_p[r * C + c] * inv_l - k_p[i * C + c]) * inv_t;
-        dk_p[i * C + c] = (p0 - T(1)) * qs_p[i * C + c];  // qs = q / T
+        dk_p[i * C + c] = (p_pos - T(1)) * qs_p[i * C + c];  // qs = q / T
       }
     }
   }

@@ -7,7 +7,7 @@ Loss: forward + backward of the mean loss over the batch, q requiring grad.
   eager = MoCo's formula: einsum pos, einsum neg against queue.clone().detach(), cat, /T,
           cross_entropy (facebookresearch/moco builder.py); fused = moco_ext.infonce_loss.
 Enqueue: index_copy_ at (ptr + arange(N)) % K and a device-side ptr update vs moco_ext.enqueue_.
-Times are medians. "extra peak" is the memory one step needs beyond its inputs: on CUDA from
+Times are medians; eager and fused take turns, call by call. "extra peak" is the memory one step needs beyond its inputs: on CUDA from
 the caching allocator, on CPU the rise in peak RSS of a fresh subprocess. GPU rows also print
 the floor of kernel.md section 3 (HBM 4.3 TB/s measured; FP32 67, TF32 494, BF16 989 TFLOP/s
 dense) and the queue is rotated over several copies so that it is not served from L2.
@@ -62,24 +62,27 @@ def eager_enqueue(queue, ptr, keys):
     ptr.copy_((ptr + len(keys)) % queue.shape[1])
 
 
-def timeit(fn, device, repeat, warmup=3):
-    """Median seconds of fn(i) over `repeat` calls (i rotates inputs)."""
+def timeit(fns, device, repeat, warmup=3):
+    """Median seconds of each fn(i) over `repeat` rounds (i rotates inputs). The functions
+    take turns within each round, so a change in machine load hits them alike."""
     for i in range(warmup):
-        fn(i)
-    times = []
+        for fn in fns:
+            fn(i)
+    times = [[] for _ in fns]
     for i in range(repeat):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(i)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            if device == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(i)
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn(i)
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def peak_rss_mb():
@@ -106,9 +109,11 @@ def bench_loss(N, C, K, device, mode, repeat):
     q, k, queues = make_inputs(N, C, K, device, dtype, copies)
     err = (eager_step(q, k, queues[0]) - fused_step(q, k, queues[0])).abs().item()
     res = {}
-    for name, step in (("eager", eager_step), ("fused", fused_step)):
-        q.grad = None
-        res[name] = timeit(lambda i: step(q, k, queues[i % copies]), device, repeat)
+    steps = {"eager": eager_step, "fused": fused_step}
+    res["eager"], res["fused"] = timeit(
+        [lambda i, step=step: step(q, k, queues[i % copies]) for step in steps.values()],
+        device, repeat)
+    for name, step in steps.items():
         if device == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -132,8 +137,8 @@ def bench_loss(N, C, K, device, mode, repeat):
 def bench_enqueue(N, C, K, device, repeat):
     _, keys, (queue,) = make_inputs(N, C, K, device, torch.float32)
     ptr = torch.zeros(1, dtype=torch.long, device=device)
-    t_e = timeit(lambda i: eager_enqueue(queue, ptr, keys), device, repeat)
-    t_f = timeit(lambda i: moco_ext.enqueue_(queue, ptr, keys), device, repeat)
+    t_e, t_f = timeit([lambda i: eager_enqueue(queue, ptr, keys),
+                       lambda i: moco_ext.enqueue_(queue, ptr, keys)], device, repeat)
     print(f"enqueue_     fp32 N={N:<5d} C={C} K={K:<6d} eager {t_e * 1e3:8.3f} ms"
           f" | fused {t_f * 1e3:8.3f} ms | speedup {t_e / t_f:5.2f}x", flush=True)
 

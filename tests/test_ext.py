@@ -159,6 +159,22 @@ def test_large_logits_do_not_overflow(device, dtype, tf32, tf32_mode):
     check_loss(q, k, queue, 0.07, tf32, eps_beat=1.0, grads=not (tf32 and dtype == torch.float32))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_loss_any_thread_count(threads, dtype):
+    """The CPU kernel splits the queue across threads and merges the partial softmaxes:
+    1 thread = one split (threaded BLAS), 2-3 = split-K. Queues of several 2048-column tiles,
+    two row blocks, a split whose max is far above the positive (logits ~ 500)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T in (0.01, 0.07, 1.0):
+            check_loss(*inputs(257, 128, 3 * 2048 + 5, "cpu", dtype), T)
+        check_loss(*inputs(33, 64, 5000, "cpu", dtype, scale=6.0), 0.07, eps_beat=1.0)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("device,dtype,tf32", PRECISIONS)
 def test_logits(device, dtype, tf32, tf32_mode):
     tf32_mode(tf32)
