@@ -146,8 +146,11 @@ class Standardize(nn.Module):
 
     def __init__(self, feats):
         super().__init__()
-        self.register_buffer("mean", feats.mean(0))                       # (D,)
-        self.register_buffer("std", feats.std(0).clamp_min(1e-6))         # (D,)
+        mean = feats.mean(0)                                               # (D,)
+        # sum of squares over chunks of rows: torch's std(0) is ~10x slower on a tall CPU matrix
+        ss = sum((c - mean).pow_(2).sum(0, dtype=torch.float64) for c in feats.split(8192))  # (D,)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", (ss / max(len(feats) - 1, 1)).sqrt().to(feats.dtype).clamp_min(1e-6))  # (D,)
 
     def forward(self, f):
         return (f - self.mean) / self.std
@@ -211,9 +214,14 @@ def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=prin
     torch.manual_seed(args.seed)
     head = make_head(args.probe, train_f.shape[1], classes).to(train_f.device)
     opt = make_opt(args, head)
+    step_head = head
     if args.standardize:
         head = nn.Sequential(Standardize(train_f), head)
-    step_head = nn.parallel.DistributedDataParallel(head) if ddp else head
+        if batches is None:  # cached features: standardised once here, not in every batch
+            train_f = head[0](train_f)
+        else:
+            step_head = head
+    step_head = nn.parallel.DistributedDataParallel(step_head) if ddp else step_head
     milestones = [int(m) for m in args.milestones.split(",") if m]
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):

@@ -282,6 +282,30 @@ def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
     assert la == lb
 
 
+def test_probe_standardisation():
+    """Standardize = torch's mean(0) / std(0) (its chunked sum of squares, on far-from-zero features), and
+    fit_probe on cached features (standardised once) trains the same head as on the same batches standardised
+    one by one (the crop-view path)."""
+    g = torch.Generator().manual_seed(0)
+    f = 100 + 0.01 * torch.randn(20000, 33, generator=g)  # (n, D): mean 100, std 0.01
+    s = eval_linear.Standardize(f)
+    assert torch.allclose(s.mean, f.mean(0)) and torch.allclose(s.std, f.std(0), rtol=1e-4)
+    assert torch.isfinite(eval_linear.Standardize(f[:1]).std).all()
+    f, y = torch.randn(600, 16, generator=g) * 3 + 1, torch.randint(0, 4, (600,), generator=g)
+
+    def batches(epoch):  # the order fit_probe draws for cached features
+        perm = torch.randperm(len(f), generator=gen)
+        return ((f[i], y[i]) for i in perm.split(64))
+    for probe in ("linear", "mlp"):
+        pa = eval_linear.Args(probe=probe, epochs=3, batch_size=64, lr=0.1 if probe == "linear" else 1e-3,
+                              milestones="2", seed=0)
+        cached = eval_linear.fit_probe(pa, f, y, 4, say=lambda *a, **k: None)
+        gen = torch.Generator().manual_seed(0)
+        streamed = eval_linear.fit_probe(pa, f, y, 4, batches=batches, say=lambda *a, **k: None)
+        with torch.no_grad():
+            assert torch.allclose(cached(f), streamed(f), atol=1e-4)
+
+
 def test_official_checkpoint_loads_in_eval_linear(tmp_path):
     torch.manual_seed(0)
     model = moco.MoCo(partial(moco.build_encoder, "resnet18"), dim=128, K=256)
