@@ -12,13 +12,13 @@ The pretraining budget is time, not steps: each method's step time is measured f
 method then runs the same number of steps. A snapshot at half the budget and the encoder at random init (time 0)
 give the curve of the plot.
 
-Results (README.md, "The comparison study"): `python study.py` on a 2-core CPU, 2026-11-29, 1 h 09 min in all, 3
-seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.91 ± 0.19, random init 87.61 ± 0.17
-(conv), DIM(L) JSD 88.59 ± 0.14 (conv), DIM(L) infoNCE 88.76 ± 0.09 (conv), DIM(G) 88.70 ± 0.16 (conv), MoCo v2
-88.57 ± 0.40 (conv) and 87.46 ± 0.28 (backbone), supervised 89.78 ± 0.13 (conv).
+Results (README.md, "The comparison study"): `python study.py` on a 2-core CPU, 2026-11-30, 1 h 06 min in all, 3
+seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.93 ± 0.16, random init 87.77 ± 0.15
+(conv), DIM(L) JSD 88.56 ± 0.48 (conv), DIM(L) infoNCE 88.53 ± 0.10 (conv), DIM(G) 88.67 ± 0.34 (conv), MoCo v2
+89.58 ± 0.17 (conv) and 88.31 ± 0.21 (backbone), supervised 89.56 ± 0.11 (conv).
 
 Commands
-    python study.py                                      # 69 min on a 2-core CPU: 120 s per run, 3 seeds
+    python study.py                                      # 66 min on a 2-core CPU: 120 s per run, 3 seeds
     python study.py --budget 600 --device cuda           # longer runs on a GPU
     python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline
 Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
