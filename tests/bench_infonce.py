@@ -7,10 +7,11 @@ Loss: forward + backward of the mean loss over the batch, q requiring grad.
   eager = MoCo's formula: einsum pos, einsum neg against queue.clone().detach(), cat, /T,
           cross_entropy (facebookresearch/moco builder.py); fused = moco_ext.infonce_loss.
 Enqueue: index_copy_ at (ptr + arange(N)) % K and a device-side ptr update vs moco_ext.enqueue_.
-Times are medians; eager and fused take turns, call by call. "extra peak" is the memory one step needs beyond its inputs: on CUDA from
-the caching allocator, on CPU the rise in peak RSS of a fresh subprocess. GPU rows also print
-the floor of kernel.md section 3 (HBM 4.3 TB/s measured; FP32 67, TF32 494, BF16 989 TFLOP/s
-dense) and the queue is rotated over several copies so that it is not served from L2.
+Times are medians; eager and fused take turns, call by call. "extra peak" is the memory one
+step needs beyond its inputs: on CUDA from the caching allocator, on CPU the rise in peak RSS of
+a fresh subprocess. GPU rows also print the floor of kernel.md section 3 (HBM 4.3 TB/s measured;
+FP32 67, TF32 494, BF16 989 TFLOP/s dense) and the queue is rotated over several copies so that
+it is not served from L2 (fused reads the copy half a rotation away from the one eager just read).
 Targets (issue 3): CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256 and
 within 3x of the floor.
 """
@@ -111,8 +112,8 @@ def bench_loss(N, C, K, device, mode, repeat):
     res = {}
     steps = {"eager": eager_step, "fused": fused_step}
     res["eager"], res["fused"] = timeit(
-        [lambda i, step=step: step(q, k, queues[i % copies]) for step in steps.values()],
-        device, repeat)
+        [lambda i: eager_step(q, k, queues[i % copies]),
+         lambda i: fused_step(q, k, queues[(i + copies // 2) % copies])], device, repeat)
     for name, step in steps.items():
         if device == "cuda":
             torch.cuda.synchronize()
