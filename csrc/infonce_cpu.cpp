@@ -108,7 +108,7 @@ template <typename T>
 struct Partial {
   std::vector<T> m, l, mx, sum, scale;  // running max, running sum, per-tile scratch
   std::vector<int64_t> cnt;             // negatives scored above the positive
-  at::Tensor acc_buf, acc;              // (RB, C) storage; (R, C) view: sum_j exp(s_j - m) v_j
+  at::Tensor acc;                       // (RB, C), first R rows used: sum_j exp(s_j - m) v_j
   at::Tensor st;                        // (kTile * R): transposed score tile
 };
 
@@ -119,7 +119,8 @@ template <typename T>
 void walk_queue(const at::Tensor& qb, const at::Tensor& queue, int64_t c0, int64_t c1,
                 const T* pos, Partial<T>& p) {
   const int64_t R = qb.size(0), C = qb.size(1);
-  T* acc_p = p.acc.template data_ptr<T>();
+  at::Tensor acc = p.acc.narrow(0, 0, R);                         // (R, C)
+  T* acc_p = acc.template data_ptr<T>();
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t B = std::min(kTile, c1 - j0);
     at::Tensor vt = queue.narrow(1, j0, B).t();                    // (B, C), a strided view
@@ -136,7 +137,7 @@ void walk_queue(const at::Tensor& qb, const at::Tensor& queue, int64_t c0, int64
         }
       }
     });
-    p.acc.addmm_(st.t(), vt);                                      // acc += P (R,B) @ V^T (B,C)
+    acc.addmm_(st.t(), vt);                                        // acc += P (R,B) @ V^T (B,C)
   }
 }
 
@@ -162,7 +163,7 @@ void loss_kernel(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& qu
   for (auto& p : parts) {
     for (auto* v : {&p.m, &p.l, &p.mx, &p.sum, &p.scale}) v->resize(RB);
     p.cnt.resize(RB);
-    p.acc_buf = at::empty({RB, C}, qs.options());
+    p.acc = at::empty({RB, C}, qs.options());
     p.st = at::empty({kTile * RB}, qs.options());
   }
   std::vector<T> pos(RB);
@@ -180,8 +181,8 @@ void loss_kernel(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& qu
     for (int64_t s = 0; s < S; ++s) {                              // split 0 holds the positive
       Partial<T>& p = parts[s];
       for (int64_t r = 0; r < R; ++r) { p.m[r] = pos[r]; p.l[r] = s == 0 ? 1 : 0; p.cnt[r] = 0; }
-      p.acc = p.acc_buf.narrow(0, 0, R);
-      if (s == 0) p.acc.copy_(k.narrow(0, rb, R)); else p.acc.zero_();
+      at::Tensor acc = p.acc.narrow(0, 0, R);                      // (R, C)
+      if (s == 0) acc.copy_(k.narrow(0, rb, R)); else acc.zero_();
     }
     if (S == 1) {
       walk_queue<T>(qb, queue, 0, K, pos.data(), parts[0]);
