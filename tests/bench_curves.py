@@ -1,57 +1,117 @@
-"""Do the speed options keep the results? Loss curves of moco.py and dim.py with --gpu-aug on and off, side by side.
+"""Do the speed options keep the results? Loss curves and kNN accuracy of moco.py and dim.py, each speed option
+against a reference run with all of them off, over several seeds.
 
-The batched device path draws its augmentations from its own generator, so its curve cannot equal the CPU
-loader's step for step; it should differ from it by no more than two seeds of the same path differ from each
-other. For each script this runs: CPU loader seed 0, CPU loader seed 1, device path seed 0, all for --steps
-steps on the built-in data, and prints the loss averaged over windows of --window steps, then the mean absolute
-difference between curves: (device, seed 0) vs (loader, seed 0) next to (loader, seed 1) vs (loader, seed 0).
-A script, not a test (minutes on a CPU):  python tests/bench_curves.py [--steps 300] [--device cpu]
+A run with an option on cannot equal the reference step for step (the device path draws its augmentations from
+its own generator; the fused kernel and bf16 round differently, and training amplifies any rounding), so each
+option is compared with the reference as two samples of seeds: per window of --window steps, the difference of
+the seed-mean losses and its standard error sqrt(s_ref^2/n + s_opt^2/n) from the seed-to-seed spread. An option
+that keeps the curve has differences of the size of their standard errors (|z| of ~0.8 on average with 3 seeds);
+a real change shows as a run of windows with |z| well above 2. The kNN monitor's top-1 after each epoch is
+printed beside as mean ± std over the seeds.
+
+Runs, each for --epochs epochs on the built-in data (125 steps of 64 per epoch), seeds 0 .. --seeds - 1:
+  moco.py: reference (CPU loader, --fused off), +fused (the moco_ext kernel), +gpu-aug (the batched device
+           path, fused on); on CUDA also +amp (bf16 autocast) and +compile.
+  dim.py:  reference (CPU loader), +gpu-aug; on CUDA also +amp and +compile.
+A script, not a test (~25 min on a 2-core CPU with the defaults):
+  python tests/bench_curves.py [--epochs 3] [--seeds 3] [--scripts moco.py dim.py] [--device cpu]
 """
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = {"moco.py": ["--batch-size", "64", "--moco-k", "1024", "--bn-splits", "4", "--workers", "2"],
-        "dim.py": ["--batch-size", "64", "--workers", "2"]}
+COMMON = {"moco.py": ["--batch-size", "64", "--moco-k", "1024", "--bn-splits", "4", "--workers", "2"],
+          "dim.py": ["--batch-size", "64", "--workers", "2"]}
 
 
-def curve(script, gpu_aug, seed, steps, device, out):
-    argv = [sys.executable, os.path.join(ROOT, script), "--out", out, "--max-steps", str(steps), "--epochs", "100",
-            "--seed", str(seed), "--gpu-aug", gpu_aug, "--knn-every", "0", "--log-every", "1", "--device", device,
-            *RUNS[script]]
+def variants(script, device):
+    """(name, flags) in order; the first is the reference, each later one adds an option to the one before."""
+    off = ["--gpu-aug", "off", "--no-amp", "--no-compile"]
+    out = [("reference", off + (["--fused", "off"] if script == "moco.py" else []))]
+    if script == "moco.py":
+        out.append(("+fused", off + ["--fused", "on"]))
+    out.append(("+gpu-aug", ["--gpu-aug", "on", "--no-amp", "--no-compile"]))
+    if device.startswith("cuda"):
+        out.append(("+amp", ["--gpu-aug", "on", "--amp", "--no-compile"]))
+        out.append(("+compile", ["--gpu-aug", "on", "--amp", "--compile"]))
+    return out
+
+
+def run(script, flags, seed, epochs, device, out):
+    """Trains once; returns (losses per step, kNN top-1 after each epoch, seconds)."""
+    argv = [sys.executable, os.path.join(ROOT, script), "--out", out, "--epochs", str(epochs), "--seed", str(seed),
+            "--knn-every", "1", "--log-every", "1", "--device", device, *COMMON[script], *flags]
+    t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
-        sys.exit(f"{script} failed:\n{p.stderr[-2000:]}")
-    return [json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+        sys.exit(f"{script} {' '.join(flags)} --seed {seed} failed:\n{p.stderr[-2000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return ([r["loss"] for r in rows if "loss" in r], [r["knn_top1"] for r in rows if "knn_top1" in r],
+            time.perf_counter() - t)
+
+
+def windows(losses, w):
+    return [statistics.fmean(losses[i:i + w]) for i in range(0, len(losses), w)]
+
+
+def mean_sd(xs):
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--scripts", nargs="+", default=list(COMMON), choices=list(COMMON))
     opts = p.parse_args()
-    w = opts.window
+    if opts.seeds < 2:
+        sys.exit("--seeds must be at least 2 (the standard errors come from the seed-to-seed spread)")
+    w, seeds = opts.window, range(opts.seeds)
     with tempfile.TemporaryDirectory() as tmp:
-        for script in RUNS:
-            runs = {(aug, seed): curve(script, aug, seed, opts.steps, opts.device,
-                                       os.path.join(tmp, f"{script}-{aug}-{seed}"))
-                    for aug, seed in (("off", 0), ("off", 1), ("on", 0))}
-            mean = {k: [sum(v[i:i + w]) / len(v[i:i + w]) for i in range(0, len(v), w)] for k, v in runs.items()}
-            print(f"# {script} {' '.join(RUNS[script])}, built-in data, {opts.steps} steps, {opts.device}: "
-                  f"loss averaged over steps")
-            print(f"{'steps':>10s} {'loader s0':>10s} {'loader s1':>10s} {'device s0':>10s}")
-            for i in range(len(mean[("off", 0)])):
-                print(f"{f'{i * w + 1}-{min((i + 1) * w, opts.steps)}':>10s} " +
-                      " ".join(f"{mean[k][i]:10.4f}" for k in (("off", 0), ("off", 1), ("on", 0))))
-            diff = lambda a, b: sum(abs(x - y) for x, y in zip(mean[a], mean[b])) / len(mean[a])
-            print(f"mean |difference| of the window means: device vs loader (seed 0) "
-                  f"{diff(('on', 0), ('off', 0)):.4f}, loader seed 1 vs seed 0 {diff(('off', 1), ('off', 0)):.4f}\n",
-                  flush=True)
+        for script in opts.scripts:
+            res, secs = {}, {}
+            for name, flags in variants(script, opts.device):
+                runs = [run(script, flags, s, opts.epochs, opts.device, os.path.join(tmp, f"{script}-{name}-{s}"))
+                        for s in seeds]
+                res[name] = ([windows(r[0], w) for r in runs], [r[1] for r in runs])
+                steps = len(runs[0][0])
+                secs[name] = statistics.fmean(r[2] for r in runs)
+            names = list(res)
+            print(f"# {script} {' '.join(COMMON[script])}, built-in data, {opts.epochs} epoch(s) = {steps} steps, "
+                  f"{opts.device}, seeds 0-{opts.seeds - 1}")
+            for name, flags in variants(script, opts.device):
+                print(f"#   {name}: {' '.join(flags)} ({secs[name]:.0f} s per run)")
+            print(f"loss averaged over {w}-step windows: mean over seeds (seed std)")
+            print(f"{'steps':>9s} " + " ".join(f"{n:>17s}" for n in names))
+            n_win = len(res["reference"][0][0])
+            for i in range(n_win):
+                cells = [mean_sd([c[i] for c in res[n][0]]) for n in names]
+                label = f"{i * w + 1}-{min((i + 1) * w, steps)}"
+                print(f"{label:>9s} " + " ".join(f"{m:9.4f} ({s:.4f})" for m, s in cells))
+            print(f"vs reference, per window: difference of the seed means / its standard error (z)")
+            for n in names[1:]:
+                zs, ds = [], []
+                for i in range(n_win):
+                    (ma, sa), (mb, sb) = (mean_sd([c[i] for c in res[k][0]]) for k in ("reference", n))
+                    ds.append(mb - ma)
+                    zs.append(ds[-1] / max(math.sqrt((sa ** 2 + sb ** 2) / opts.seeds), 1e-12))
+                print(f"  {n:>9s}: mean |difference| {statistics.fmean(abs(d) for d in ds):.4f}, mean |z| "
+                      f"{statistics.fmean(abs(z) for z in zs):.2f}, max |z| {max(abs(z) for z in zs):.2f}; z "
+                      + " ".join(f"{z:+.1f}" for z in zs))
+            print("kNN top-1 after each epoch: mean ± std over seeds")
+            for n in names:
+                per_epoch = list(zip(*res[n][1]))
+                print(f"  {n:>9s}: " + ", ".join("{:.2f} ± {:.2f}".format(*mean_sd(e)) for e in per_epoch))
+            print(flush=True)
 
 
 if __name__ == "__main__":
