@@ -481,6 +481,11 @@ class BatchAugment:
         theta[:, 1, 1] = h / H
         theta[:, 1, 2] = (2 * top + h) / H - 1
         grid = F.affine_grid(theta, [B, 3, self.size, self.size], align_corners=False)  # (B, S, S, 2)
+        # torchvision crops, then resizes: a sample past the box's outer pixel centres takes the box's edge pixel,
+        # not a blend with the pixel outside the box (this matters when enlarging: CIFAR, MNIST)
+        lo = torch.stack([(2 * left + 1) / W - 1, (2 * top + 1) / H - 1], 1)[:, None, None]  # (B, 1, 1, 2)
+        hi = torch.stack([(2 * (left + w) - 1) / W - 1, (2 * (top + h) - 1) / H - 1], 1)[:, None, None]
+        grid = torch.minimum(torch.maximum(grid, lo), hi)  # (B, S, S, 2)
         y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
         return y * (1 / 255)  # (B, 3, S, S)
 

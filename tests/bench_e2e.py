@@ -27,13 +27,6 @@ sys.path.insert(0, ROOT)
 import moco  # noqa: E402
 
 
-def read_idx(path):
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    dims = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
-
-
 def write_idx(path, a):
     with gzip.open(path, "wb", compresslevel=1) as f:
         f.write(bytes([0, 0, 8, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
@@ -41,8 +34,8 @@ def write_idx(path, a):
 
 def make_data(folder, n_train, n_test):
     """IDX files as moco.py --dataset fashionmnist --data FOLDER reads them: the shipped 10,000 images tiled."""
-    x = read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))  # (10000, 28, 28) uint8
-    y = read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))  # (10000,)
+    x = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))  # (10000, 28, 28) uint8
+    y = moco.read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))  # (10000,)
     tile = lambda a, n: np.resize(a, (n, *a.shape[1:]))  # repeats a along dim 0 up to n rows
     for split, n in (("train", n_train), ("t10k", n_test)):
         write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), tile(x, n))

@@ -93,6 +93,28 @@ def test_greyscale_gives_equal_channels_at_rate_p():
     assert 0.15 < grey.float().mean().item() < 0.25
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop_matches_torchvision_resized_crop(flip):
+    """Given boxes (the random draws replaced): the view equals torchvision's resized_crop on the PIL image (crop,
+    then bilinear resize) up to PIL's uint8 rounding, also at the box's edges when the crop is enlarged."""
+    boxes = [(3, 4, 14, 12), (10, 2, 9, 20), (0, 0, 28, 28), (5, 5, 20, 20), (0, 17, 11, 11), (20, 0, 8, 6)]
+    B, H, W, S = len(boxes), 28, 28, 32
+    top, left, h, w = (torch.tensor([b[i] for b in boxes], dtype=torch.float) for i in range(4))
+    draws = iter([(h * w).view(B, 1).expand(B, 10) / (H * W),  # area fraction: every try fits, the first is used
+                  (w / h).log().view(B, 1).expand(B, 10),  # log aspect ratio
+                  (top + 0.5) / (H - h + 1), (left + 0.5) / (W - w + 1),  # uniforms that floor to top, left
+                  torch.full((B,), 0.0 if flip else 1.0)])  # flip when below flip_p
+    x = images(B, H, W, seed=3)
+    u = lambda *shape, lo=0.0, hi=1.0: next(draws)  # the drawn values themselves, in the order _crop_flip asks
+
+    aug = moco.BatchAugment(S, scale=(0.0, 1.0), **{**PLAIN, "flip_p": 0.5})
+    got = aug._crop_flip(x, u)  # (B, 3, S, S)
+    for i, (t, l, bh, bw) in enumerate(boxes):
+        pil = TF.resized_crop(Image.fromarray(x[i].permute(1, 2, 0).numpy()), t, l, bh, bw, [S, S])
+        want = torch.from_numpy(np.array(TF.hflip(pil) if flip else pil)).permute(2, 0, 1).float() / 255
+        assert (got[i] - want).abs().max() <= 1 / 255 + 1e-5, (t, l, bh, bw)
+
+
 def test_crop_boxes_follow_torchvision_get_params():
     """Images whose red channel is the column and green the row: the output's corners reveal each crop box.
     Relative area and aspect ratio must stay in range and match the distribution of torchvision's get_params."""
