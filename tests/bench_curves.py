@@ -6,14 +6,15 @@ its own generator; the fused kernel and bf16 round differently, and training amp
 option is compared with the reference as two samples of seeds: per window of --window steps, the difference of
 the seed-mean losses and its standard error sqrt(s_ref^2/n + s_opt^2/n) from the seed-to-seed spread. An option
 that keeps the curve has differences of the size of their standard errors (|z| of ~0.8 on average with 3 seeds);
-a real change shows as a run of windows with |z| well above 2. The kNN monitor's top-1 after each epoch is
-printed beside as mean ± std over the seeds.
+a real change shows as windows with |z| well above 2. The windows come from the same runs, so they are not
+independent tests: z of one sign in every window hints at a small offset without proving one. The kNN
+monitor's top-1 after each epoch is printed beside as mean ± std over the seeds.
 
 Runs, each for --epochs epochs on the built-in data (125 steps of 64 per epoch), seeds 0 .. --seeds - 1:
   moco.py: reference (CPU loader, --fused off), +fused (the moco_ext kernel), +gpu-aug (the batched device
            path, fused on); on CUDA also +amp (bf16 autocast) and +compile.
   dim.py:  reference (CPU loader), +gpu-aug; on CUDA also +amp and +compile.
-A script, not a test (~25 min on a 2-core CPU with the defaults):
+A script, not a test (45 min on the 2-core development CPU with the defaults):
   python tests/bench_curves.py [--epochs 3] [--seeds 3] [--scripts moco.py dim.py] [--device cpu]
 """
 import argparse
