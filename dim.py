@@ -183,6 +183,14 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def make_out(path):
+    """The output folder, made if missing; a path that cannot be one (a file, no permission) is a one-line error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make the output folder ({e.strerror or e})") from None
+
+
 def parse_args(argv=None):
     """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
     import argparse
@@ -787,7 +795,7 @@ def train(argv=None):
     device, rank, world = setup_device(args)
     log = Logger(args.out, rank == 0)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+        make_out(args.out)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
         log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))

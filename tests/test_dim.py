@@ -311,6 +311,10 @@ def test_bad_inputs(tmp_path):
     assert_user_error(run("dim.py", "--gpu-aug", "yes", *quick, check=False), "--gpu-aug must be")
     torch.save({"algo": "moco", "args": {}}, tmp_path / "moco.pt")
     assert_user_error(run("dim.py", "--resume", tmp_path / "moco.pt", *quick, check=False), "not a dim.py checkpoint")
+    (tmp_path / "a_file").write_text("keep me")
+    p = run("dim.py", *quick[2:], "--out", tmp_path / "a_file", check=False)
+    assert_user_error(p, "--out .*cannot make the output folder")
+    assert (tmp_path / "a_file").read_text() == "keep me"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert_user_error(run("dim.py", "--resume", tmp_path / "junk.pt", *quick, check=False), "cannot read")
 

@@ -352,6 +352,16 @@ def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("sub", ["", "o"])
+def test_out_that_cannot_be_a_folder(sub, tmp_path, capsys):
+    """--out naming a file, or a folder under a file: one line, exit 2, the file untouched."""
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    code, _, err = run_main(TINY + ["--out", str(f / sub if sub else f)], capsys)
+    assert code == 2 and err.startswith("error: --out ") and "cannot make the output folder" in err, err
+    assert err.count("\n") == 1 and f.read_text() == "keep me"
+
+
 def test_folder_errors(tmp_path, capsys, image_folder):
     empty = tmp_path / "empty"
     empty.mkdir()
