@@ -251,6 +251,15 @@ def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=prin
 
 def evaluate(args, argv_out=print):
     device, rank, world = moco.setup_device(args)
+    # flags checked before minutes of feature extraction and probe training, not after
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
+                                   f"eval_{args.layer}_{args.probe}{'_random' if args.random_init else ''}.json")
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UserError(f"--out {out}: not a file name in an existing folder")
+    if args.aug not in ("crop", "none", "auto"):
+        raise UserError(f"--aug must be crop, none or auto, not {args.aug!r}")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(args.seed)  # the same probe initialisation on every rank
     encoder, ck = load_encoder(args)
     encoder = encoder.to(device).eval()
@@ -275,10 +284,6 @@ def evaluate(args, argv_out=print):
         f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
-    if aug not in ("crop", "none"):
-        raise UserError(f"--aug must be crop, none or auto, not {args.aug!r}")
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if aug == "none":  # cached features: every rank trains the same probe on all of them (no communication)
         batches = None
     else:  # crops: each rank encodes its share of every batch and DDP averages the head's gradients
@@ -302,8 +307,6 @@ def evaluate(args, argv_out=print):
                   layer=args.layer, probe=args.probe, aug=aug, random_init=args.random_init, top1=top1, top5=top5,
                   knn_top1=knn, feature_dim=train_f.shape[1], n_train=len(train_f), n_test=len(test_f),
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seconds=time.perf_counter() - t0)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
-                                   f"eval_{args.layer}_{args.probe}{'_random' if args.random_init else ''}.json")
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)

@@ -319,6 +319,16 @@ def test_bad_inputs(tmp_path):
     assert_user_error(run("dim.py", "--resume", tmp_path / "junk.pt", *quick, check=False), "cannot read")
 
 
+def test_eval_linear_checks_flags_before_the_work(trained, tmp_path):
+    """A bad --out or --aug stops eval_linear.py in one line before feature extraction (no "features:" line)."""
+    for flags, pattern in [(["--out", tmp_path / "missing" / "r.json"], "--out .*not a file name"),
+                           (["--out", tmp_path], "--out .*not a file name"), (["--aug", "flip"], "--aug must be")]:
+        p = run("eval_linear.py", "--pretrained", trained / "ckpt.pt", "--layer", "fc", "--workers", 0, *flags,
+                check=False)
+        assert_user_error(p, pattern)
+        assert "features:" not in p.stdout
+
+
 def test_bad_layer_in_eval_linear(trained):
     """eval_linear.py turns dim.encoder_for_eval's UserError into its one-line error."""
     p = run("eval_linear.py", "--pretrained", trained / "ckpt.pt", "--layer", "backbone", "--workers", 0, check=False)
