@@ -251,17 +251,18 @@ def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=prin
 
 def evaluate(args, argv_out=print):
     device, rank, world = moco.setup_device(args)
-    # flags checked before minutes of feature extraction and probe training, not after
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
-                                   f"eval_{args.layer}_{args.probe}{'_random' if args.random_init else ''}.json")
-    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UserError(f"--out {out}: not a file name in an existing folder")
+    # flags are checked before minutes of feature extraction and probe training, not after them
     if args.aug not in ("crop", "none", "auto"):
         raise UserError(f"--aug must be crop, none or auto, not {args.aug!r}")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(args.seed)  # the same probe initialisation on every rank
     encoder, ck = load_encoder(args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
+                                   f"eval_{args.layer}_{args.probe}{'_random' if args.random_init else ''}.json")
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--out {out}: not a writable file name in an existing folder")
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad = False

@@ -321,8 +321,9 @@ def test_bad_inputs(tmp_path):
 
 def test_eval_linear_checks_flags_before_the_work(trained, tmp_path):
     """A bad --out or --aug stops eval_linear.py in one line before feature extraction (no "features:" line)."""
-    for flags, pattern in [(["--out", tmp_path / "missing" / "r.json"], "--out .*not a file name"),
-                           (["--out", tmp_path], "--out .*not a file name"), (["--aug", "flip"], "--aug must be")]:
+    bad_out = "--out .*not a writable file"
+    for flags, pattern in [(["--out", tmp_path / "missing" / "r.json"], bad_out), (["--out", tmp_path], bad_out),
+                           (["--aug", "flip"], "--aug must be")]:
         p = run("eval_linear.py", "--pretrained", trained / "ckpt.pt", "--layer", "fc", "--workers", 0, *flags,
                 check=False)
         assert_user_error(p, pattern)
