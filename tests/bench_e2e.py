@@ -28,6 +28,7 @@ import moco  # noqa: E402
 
 
 def write_idx(path, a):
+    """uint8 array -> gzipped IDX: 0, 0, type 0x08, the number of dims, one big-endian uint32 per dim, the data."""
     with gzip.open(path, "wb", compresslevel=1) as f:
         f.write(bytes([0, 0, 8, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the lent H200 machine (torch 2.11, Python 3.12, nvcc 13): fits one 10-minute call.
+# One-shot GPU check for the lent H200 machine (torch 2.11, Python 3.12, nvcc 13), written to fit one
+# 10-minute call; never run on a GPU yet.
 # Runs in the repository root; every step has a time limit inside an overall deadline (DEADLINE_S, default 560 s),
 # in order of priority, and writes its output under $OUT:
 #   build.txt  JIT build of csrc/ with the CUDA kernels (MOCO_EXT_JIT=1, MAX_JOBS=16)

@@ -1,22 +1,14 @@
 """study.py end to end on a small IDX folder cut from the built-in data (the real study needs the full data set)."""
-import gzip
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import moco  # noqa: E402
-
-
-def write_idx(path, a):
-    """IDX: two zero bytes, type 0x08 (uint8), the number of dims, one big-endian uint32 per dim, the data."""
-    head = bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(head + a.astype(np.uint8).tobytes())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import write_idx  # noqa: E402
 
 
 def test_study_runs_end_to_end(tmp_path):
