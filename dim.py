@@ -155,14 +155,27 @@ def load_checkpoint(path, algo):
     return ckpt
 
 
-def rng_state(device):
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def rng_states(device):
+    """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rank, world = world_info()
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def set_rng_state(states, device):
+    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
+    rank, world = world_info()
+    states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
+    if len(states) != world:
+        return False
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True
 
 
 class Logger:
@@ -255,23 +268,32 @@ class ArrayData:
         return to_rgb(Image.fromarray(self.images[i])), self.labels[i]
 
 
-class FolderData:
-    """PATH/<class>/<image>; an unreadable or truncated image stops the run with its path (documented)."""
+def class_folders(root):
+    """torchvision's find_classes (the sorted sub-folders), hidden ones (.ipynb_checkpoints, ...) left out."""
+    try:
+        return [c for c in torchvision.datasets.folder.find_classes(root)[0] if not c.startswith(".")]
+    except FileNotFoundError:  # no sub-folder at all
+        return []
 
-    def __init__(self, root, files=None):
+
+class FolderData:
+    """ROOT/<class>/**/<image> with torchvision ImageFolder's conventions (make_dataset): the classes are the sorted
+    sub-folders, the images are found recursively in each (Tiny ImageNet's train/<wnid>/images/*.JPEG), sorted.
+    `class_to_idx` labels another split (val) by train's class names; an unreadable or truncated image stops the
+    run with its path (documented)."""
+
+    def __init__(self, root, files=None, class_to_idx=None):
         if files is None:
-            classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-            if not classes:
-                raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-            files = []
-            for c, name in enumerate(classes):
-                found = sorted(e.path for e in os.scandir(os.path.join(root, name))
-                               if e.is_file() and e.name.lower().endswith(IMG_EXT))
-                if not found:
-                    raise UserError(f"class folder {os.path.join(root, name)} has no images")
-                files += [(p, c) for p in found]
-            self.classes = classes
-        self.files = files
+            if class_to_idx is None:
+                class_to_idx = {c: i for i, c in enumerate(class_folders(root))}
+                if not class_to_idx:
+                    raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+            files = torchvision.datasets.folder.make_dataset(root, class_to_idx, IMG_EXT, allow_empty=True)
+            found = {y for _, y in files}
+            for c, i in class_to_idx.items():
+                if i not in found and os.path.isdir(os.path.join(root, c)):
+                    raise UserError(f"class folder {os.path.join(root, c)} has no images")
+        self.files, self.class_to_idx, self.labels = files, class_to_idx, [y for _, y in files]
 
     def __len__(self):
         return len(self.files)
@@ -288,6 +310,8 @@ class FolderData:
 class TorchvisionData:
     def __init__(self, ds):
         self.ds = ds
+        y = getattr(ds, "targets", getattr(ds, "labels", None))  # CIFAR, MNIST: targets; STL-10: labels (-1 unlabeled)
+        self.labels = np.asarray(y).tolist() if y is not None else [int(ds[i][1]) for i in range(len(ds))]
 
     def __len__(self):
         return len(self.ds)
@@ -295,6 +319,32 @@ class TorchvisionData:
     def get(self, i):
         img, y = self.ds[i]
         return to_rgb(img), int(y)
+
+
+class Subset:
+    """Images idx[0], idx[1], ... of a data set: its labelled images, or one rank's share."""
+
+    def __init__(self, base, idx):
+        self.base, self.idx = base, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def get(self, i):
+        return self.base.get(self.idx[i])
+
+    @property
+    def labels(self):
+        return [self.base.labels[i] for i in self.idx]
+
+
+def labelled(ds, what, hint):
+    """The images of `ds` with a label (>= 0): every image trains, but only these enter a kNN bank, a kNN test set
+    or a probe (STL-10's 'train+unlabeled' marks its 100,000 unlabeled images with -1)."""
+    keep = [i for i, y in enumerate(ds.labels) if y >= 0]
+    if not keep:
+        raise UserError(f"{what} has no labelled images (label >= 0){hint}")
+    return ds if len(keep) == len(ds) else Subset(ds, keep)
 
 
 def load_data(args):
@@ -308,15 +358,20 @@ def load_data(args):
     if not os.path.isdir(root) and not (args.download and args.dataset != "folder"):
         raise UserError(f"--data {args.data}: no such folder")
     if args.dataset == "folder":
-        if os.path.isdir(os.path.join(root, "train")):
-            train = FolderData(os.path.join(root, "train"))
-            val = os.path.join(root, "val")
-            test = FolderData(val) if os.path.isdir(val) else None
-        else:
-            train, test = FolderData(root), None
-        if test is None:  # no val folder: every 10th image of each class is held out for testing
-            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9])
-            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9])
+        tr, val, test = os.path.join(root, "train"), os.path.join(root, "val"), None
+        train = FolderData(tr if os.path.isdir(tr) else root)
+        if os.path.isdir(tr) and os.path.isdir(val):  # val's class folders are labelled by train's class names
+            subs = class_folders(val)
+            unknown = [c for c in subs if c not in train.class_to_idx]
+            if subs and not unknown:
+                test = FolderData(val, class_to_idx=train.class_to_idx)
+            elif world_info()[0] == 0:  # e.g. Tiny ImageNet's val/images/*.JPEG + val_annotations.txt
+                why = f"{os.path.join(val, unknown[0])} is not a class of {tr}" if unknown else "no class folders"
+                print(f"note: {val} is not used ({why}); every 10th training image is held out for testing instead",
+                      flush=True)
+        if test is None:  # no usable val folder: every 10th image of the class-sorted list is held out for testing
+            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9], train.class_to_idx)
+            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9], train.class_to_idx)
         return train, test, "imagenet"
     idx = [os.path.join(root, f"{s}-{k}-ubyte.gz") for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
     if args.dataset in ("fashionmnist", "mnist") and all(map(os.path.isfile, idx)):  # the four IDX files in --data
@@ -708,18 +763,40 @@ def prior_encoder_loss(d, y):
 # --- shared: knn ---
 @torch.no_grad()
 def extract(encode, data, device):
-    """-> L2-normalised features (M, D) and labels (M,) of a loader, in order."""
+    """-> features (M, D) in fp32 and labels (M,) of a loader, in order."""
     feats, labels = [], []
     for x, y in data:
-        feats.append(F.normalize(encode(x.to(device, non_blocking=True)).float().flatten(1), dim=1))
+        feats.append(encode(x.to(device, non_blocking=True)).float().flatten(1))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_all(encode, ds, tf, workers, device):
+    """Features (M, D) and labels (M,) of a whole data set, in order, on every rank. Under torchrun rank r encodes
+    its contiguous share, images r*M//world .. (r+1)*M//world - 1, and the shares are gathered: a pass over
+    ImageNet costs each of 8 ranks 1/8 of it, instead of rank 0 the whole pass while the others wait."""
+    rank, world = world_info()
+    if len(ds) < world:
+        raise UserError(f"{len(ds)} images cannot be shared by {world} processes")
+    bounds = [r * len(ds) // world for r in range(world + 1)]
+    share = Subset(ds, range(bounds[rank], bounds[rank + 1]))
+    f, y = extract(encode, loader(Seeded(share, tf), 512, workers, device=device), device)  # (m, D), (m,)
+    if world == 1:
+        return f, y
+    per = -(-len(ds) // world)  # all_gather takes equal sizes: every share padded to the largest
+    fs, ys = [f.new_empty(per, f.shape[1]) for _ in range(world)], [y.new_empty(per) for _ in range(world)]
+    dist.all_gather(fs, F.pad(f, (0, 0, 0, per - len(f))))
+    dist.all_gather(ys, F.pad(y, (0, per - len(y)), value=-1))
+    n = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    return torch.cat([t[:k] for t, k in zip(fs, n)]), torch.cat([t[:k] for t, k in zip(ys, n)])  # (M, D), (M,)
 
 
 @torch.no_grad()
 def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
     """Wu et al. 2018 (arXiv 1805.01978v1) weighted kNN: the top-k cosine neighbours vote exp(s/t)."""
     preds = []
+    chunk = max(1, min(chunk, 2 ** 28 // len(bank)))  # a (chunk, M) block of at most 1 GB: 209 rows for ImageNet
     for f in feats.split(chunk):
         sim, idx = (f @ bank.T).topk(min(k, len(bank)), dim=1)  # (n, k)
         votes = torch.zeros(len(f), classes, device=f.device)  # (n, classes)
@@ -727,11 +804,28 @@ def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
     return torch.cat(preds)
 
 
-def knn_accuracy(encode, bank_loader, test_loader, device, k=200, t=0.1):
-    bank, bank_y = extract(encode, bank_loader, device)
-    test, test_y = extract(encode, test_loader, device)
+def knn_top1(bank, bank_y, test, test_y, k=200, t=0.1):
+    """Top-1 % of the weighted kNN classifier on cosine similarity (features L2-normalised here)."""
+    bank, test = F.normalize(bank, dim=1), F.normalize(test, dim=1)  # (M, D), (n, D)
     classes = int(max(bank_y.max(), test_y.max())) + 1
     return (knn_predict(test, bank, bank_y, classes, k, t) == test_y).float().mean().item() * 100
+
+
+def knn_accuracy(encode, bank_set, test_set, tf, workers, device, k=200, t=0.1):
+    """The kNN monitor: every rank encodes its share of the bank and of the test set (labelled images only,
+    labelled()) and every rank returns the same top-1 %."""
+    if world_info()[1] > 1:  # BN statistics are rank-local until DDP's next forward: use rank 0's (the checkpoint's)
+        for b in encode.buffers():
+            dist.broadcast(b, 0)
+    bank, bank_y = extract_all(encode, bank_set, tf, workers, device)  # (M, D), (M,)
+    test, test_y = extract_all(encode, test_set, tf, workers, device)  # (n, D), (n,)
+    return knn_top1(bank, bank_y, test, test_y, k, t)
+
+
+def knn_monitor(encode, bank_set, test_set, tf, workers, device):
+    """-> (kNN top-1 %, seconds it took): the monitor's cost is logged beside its result."""
+    t0 = time.perf_counter()
+    return knn_accuracy(encode.eval(), bank_set, test_set, tf, workers, device), time.perf_counter() - t0
 # --- end shared: knn ---
 
 
@@ -757,23 +851,33 @@ def encoder_for_eval(ckpt, layer):
 # ----------------------------------------------------------------------------------------------------
 # 6. Training loop
 # ----------------------------------------------------------------------------------------------------
-def check_args(args, n_train):
-    if args.estimator not in ESTIMATORS or args.critic not in ("dot", "concat") or args.aug not in ("none", "crop"):
-        raise UserError("--estimator must be jsd|nce|dv, --critic dot|concat, --aug none|crop|auto")
-    if args.gpu_aug not in ("auto", "on", "off"):
-        raise UserError(f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}")
-    if args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64:
-        raise UserError(f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}")
-    if min(args.alpha, args.beta, args.gamma) < 0 or args.alpha + args.beta == 0:
-        raise UserError("--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)")
-    if n_train == 0:
-        raise UserError("the training set is empty")
-    if args.batch_size < 2:
-        raise UserError("--batch-size must be at least 2 (the negatives come from the other images)")
-    if args.batch_size > n_train:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
-    if args.epochs < 1:
-        raise UserError("--epochs must be >= 1")
+def check_hparams(args):
+    """Values that make no sense stop here, before any work, in one line (exit 2)."""
+    for bad, msg in [
+        (args.estimator not in ESTIMATORS, f"--estimator must be jsd, nce or dv, not {args.estimator!r}"),
+        (args.critic not in ("dot", "concat"), f"--critic must be dot or concat, not {args.critic!r}"),
+        (args.aug not in ("none", "crop"), f"--aug must be none, crop or auto, not {args.aug!r}"),
+        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
+        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),
+        (args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64,
+         f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}"),
+        (not all(0 <= w < math.inf for w in (args.alpha, args.beta, args.gamma)) or args.alpha + args.beta == 0,
+         "--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)"),
+        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
+        (args.batch_size < 2, "--batch-size must be at least 2 (the negatives come from the other images)"),
+        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
+        (not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
+        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
+        (not 0 <= args.prior_gp < math.inf, f"--prior-gp {args.prior_gp} must be >= 0"),
+        (min(args.y_dim, args.mi_units) < 1, "--y-dim and --mi-units must be >= 1"),
+        (args.local_samples < 0, f"--local-samples {args.local_samples} must be >= 0 (0 = all locations)"),
+        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
+        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
+        (min(args.max_steps, args.save_every, args.knn_every) < 0,
+         "--max-steps, --save-every and --knn-every must be >= 0"),
+    ]:
+        if bad:
+            raise UserError(msg)
 
 
 def resolve(args):
@@ -781,6 +885,38 @@ def resolve(args):
     size = args.image_size or (64 if args.arch == "alex64" else 32)
     aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
     return dataclasses.replace(args, image_size=size, aug=aug)
+
+
+def train_step(net, prior, opts, scalers, x, args, amp_dtype):
+    """One step of Eq. (8) on the batch x: the encoder and the MI critics under autocast; the prior discriminator's
+    step (Eq. 7) outside it, in float32, with its own gradient scaler. -> the logged values, detached:
+    (loss, local, global, prior, d_loss, d_acc)."""
+    (opt, opt_prior), (scaler, scaler_prior) = opts, scalers
+    zero = torch.zeros((), device=x.device)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        mi, y = net(x, args.estimator, args.local_samples)  # {'local', 'global'} losses (fp32), Y (N, y_dim)
+    mi_local, mi_global = mi.get("local", zero), mi.get("global", zero)
+    d_loss, d_acc, prior_loss = zero, zero, zero
+    if args.gamma > 0:  # Eq. (7): one discriminator step on this batch's Y, then the encoder's prior loss
+        d_loss, d_acc = prior_d_loss(prior, y, args.prior_gp)
+        opt_prior.zero_grad(set_to_none=True)
+        scaler_prior.scale(d_loss).backward()
+        world = world_info()[1]
+        if world > 1:  # the discriminator is small and outside DDP: average its gradients
+            grads = [p.grad for p in prior.parameters()]
+            for g in grads:
+                dist.all_reduce(g)
+            torch._foreach_div_(grads, world)
+        scaler_prior.step(opt_prior)
+        scaler_prior.update()
+        prior_loss = prior_encoder_loss(prior, y)
+    # Eq. (8): alpha * global + beta * local + gamma * prior (each a loss to minimise)
+    loss = args.alpha * mi_global + args.beta * mi_local + args.gamma * prior_loss
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return torch.stack([loss, mi_local, mi_global, prior_loss, d_loss, d_acc]).detach().float()
 
 
 def train(argv=None):
@@ -792,7 +928,11 @@ def train(argv=None):
             ckpt = load_checkpoint(src, "dim")
             args = Args(**{**ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
     args = resolve(args)
+    check_hparams(args)
     device, rank, world = setup_device(args)
+    if args.batch_size % world or args.batch_size // world < 2:
+        raise UserError(f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of "
+                        "2 or more images")
     log = Logger(args.out, rank == 0)
     if rank == 0:
         make_out(args.out)
@@ -801,19 +941,21 @@ def train(argv=None):
         log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
         if ckpt is None and args.resume == "auto":
             log(f"note: --resume auto found no {path}; starting fresh")
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
 
     train_set, test_set, stats = load_data(args)
-    check_args(args, len(train_set))
+    if len(train_set) == 0:
+        raise UserError("the training set is empty")
+    if args.batch_size > len(train_set):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     train_tf, test_tf = transforms(args, stats)
     # Under torchrun each rank takes batch / world images, and its negatives are the other images of its own
     # share (not gathered across ranks): the estimators are defined per batch, and the paper's batch is 64.
     per_rank = args.batch_size // world
     sampler = EpochSampler(len(train_set), per_rank, args.seed, rank, world)
     train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
-    bank_loader = loader(Seeded(train_set, test_tf), 512, args.workers, device=device)
-    test_loader = loader(Seeded(test_set, test_tf), 512, args.workers, device=device)
+    hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
+    bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
+    knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
     gpu = None  # (uint8 images on the device, BatchPrepare) when the batched device path is on
     if args.gpu_aug == "on" or (args.gpu_aug == "auto" and device.type == "cuda"):
         images = device_images(train_set, device)
@@ -821,8 +963,9 @@ def train(argv=None):
             gpu = (images[0], BatchPrepare(args.image_size, args.aug, stats))
         elif args.gpu_aug == "on":
             log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
-    log(f"data: {len(train_set)} images, " + (f"uint8 on {device}, prepared there in batches" if gpu else
-                                            f"prepared by the CPU loader with {args.workers} workers"))
+    some = f" ({len(bank_set)} labelled: the kNN bank)" if len(bank_set or train_set) < len(train_set) else ""
+    log(f"data: {len(train_set)} images{some}, " + (f"uint8 on {device}, prepared there in batches" if gpu else
+                                                   f"prepared by the CPU loader with {args.workers} workers"))
 
     amp_dtype = None
     if args.amp and device.type == "cuda":
@@ -840,6 +983,7 @@ def train(argv=None):
     opt = torch.optim.Adam(model.parameters(), **adam)
     opt_prior = torch.optim.Adam(prior.parameters(), **adam)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler_prior = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # the discriminator's own
     epoch, pos, step = 0, 0, 0
     if ckpt is not None:
         try:
@@ -851,8 +995,12 @@ def train(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         opt_prior.load_state_dict(ckpt["prior_optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        if "prior_scaler" in ckpt:  # (checkpoints before it had one scaler)
+            scaler_prior.load_state_dict(ckpt["prior_scaler"])
         epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"], device)
+        if not set_rng_state(ckpt["rng"], device):
+            log(f"note: {src} was saved by another number of processes: each rank goes on from its current random "
+                "state (the data order and augmentations do not depend on it)")
         log(f"resumed from {src} at epoch {epoch} step {step}")
     if args.compile:
         model.encoder.compile()
@@ -863,11 +1011,12 @@ def train(argv=None):
             dist.broadcast(t, 0)
 
     def save(ep, at):
+        rngs = rng_states(device)  # every rank's, so that a resumed run draws what an uninterrupted one would
         if rank == 0:
             save_checkpoint({"algo": "dim", "model": model.state_dict(), "prior": prior.state_dict(),
                              "optimizer": opt.state_dict(), "prior_optimizer": opt_prior.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
-                             "rng": rng_state(device), "args": dataclasses.asdict(args),
+                             "scaler": scaler.state_dict(), "prior_scaler": scaler_prior.state_dict(), "epoch": ep,
+                             "step_in_epoch": at, "step": step, "rng": rngs, "args": dataclasses.asdict(args),
                              "time_s": elapsed()}, path)
 
     steps_per_epoch = sampler.steps()
@@ -884,30 +1033,8 @@ def train(argv=None):
             t0 = time.perf_counter()
             x = next(it)  # (B, 3, S, S) on the device
             wait += time.perf_counter() - t0
-            zero = torch.zeros((), device=device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                mi, y = net(x, args.estimator, args.local_samples)
-                mi_local, mi_global = mi.get("local", zero), mi.get("global", zero)
-                d_loss, d_acc, prior_loss = zero, zero, zero
-                if args.gamma > 0:  # Eq. (7): one discriminator step on this batch's Y, then the encoder's
-                    d_loss, d_acc = prior_d_loss(prior, y, args.prior_gp)
-                    opt_prior.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    if world > 1:  # the discriminator is small and outside DDP: average its gradients
-                        grads = [p.grad for p in prior.parameters()]
-                        for g in grads:
-                            dist.all_reduce(g)
-                        torch._foreach_div_(grads, world)
-                    opt_prior.step()
-                    prior_loss = prior_encoder_loss(prior, y)
-                # Eq. (8): alpha * global + beta * local + gamma * prior (each a loss to minimise)
-                loss = args.alpha * mi_global + args.beta * mi_local + args.gamma * prior_loss
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            vals = train_step(net, prior, (opt, opt_prior), (scaler, scaler_prior), x, args, amp_dtype)
             step, pos, seen = step + 1, pos + 1, seen + 1
-            vals = torch.stack([loss, mi_local, mi_global, prior_loss, d_loss, d_acc]).detach().float()
             sums = vals if sums is None else sums + vals
             saving = args.save_every and step % args.save_every == 0
             if step % args.log_every == 0 or saving or pos == steps_per_epoch or step == total:
@@ -931,9 +1058,10 @@ def train(argv=None):
                 save(epoch, pos)
         if pos == steps_per_epoch:
             epoch, pos = epoch + 1, 0
-            if rank == 0 and args.knn_every and epoch % args.knn_every == 0:
-                knn = knn_accuracy(Tap(model.encoder, "fc").eval(), bank_loader, test_loader, device)
-                log(f"epoch {epoch} kNN top-1 (fc) {knn:.2f}", step=step, epoch=epoch, knn_top1=knn)
+            if args.knn_every and epoch % args.knn_every == 0:  # every rank encodes its share
+                knn, knn_s = knn_monitor(Tap(model.encoder, "fc"), bank_set, knn_test, test_tf, args.workers, device)
+                log(f"epoch {epoch} kNN top-1 (fc) {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn,
+                    knn_s=knn_s)
         save(epoch, pos)
     loss_txt = "n/a" if first_loss is None else f"{first_loss:.4f} -> {last_loss:.4f}"
     knn_txt = "off" if knn is None else f"{knn:.2f}"

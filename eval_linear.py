@@ -179,35 +179,6 @@ def topk_acc(logits, y, ks=(1, 5)):
     return [hit[:, :k].any(1).float().mean().item() * 100 for k in ks]
 
 
-class Shard:
-    """Images lo..hi-1 of a data set: this rank's contiguous share for feature extraction."""
-
-    def __init__(self, base, rank, world):
-        per = -(-len(base) // world)
-        self.base, self.lo, self.hi, self.per = base, min(rank * per, len(base)), min((rank + 1) * per, len(base)), per
-
-    def __len__(self):
-        return self.hi - self.lo
-
-    def get(self, i):
-        return self.base.get(self.lo + i)
-
-
-@torch.no_grad()
-def extract_all(encoder, ds, tf, args, device, rank, world):
-    """Features and labels of the whole data set, in order; each rank extracts its contiguous share."""
-    shard = Shard(ds, rank, world)
-    if len(ds) < world * shard.per - shard.per + 1:
-        raise UserError(f"{len(ds)} images cannot be shared by {world} processes")
-    f, y = extract(encoder, moco.loader(moco.Seeded(shard, tf), 512, args.workers, device=device), device)
-    if world == 1:
-        return f, y
-    fp, yp = f.new_zeros(shard.per, f.shape[1]), y.new_full((shard.per,), -1)  # pad the last share
-    fp[:len(f)], yp[:len(y)] = f, y
-    fs, ys = moco.concat_all_gather(fp), moco.concat_all_gather(yp)  # (world*per, D), (world*per,)
-    return fs[:len(ds)], ys[:len(ds)]
-
-
 def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=print):
     """Trains args.probe on (features, labels) for args.epochs; `batches(epoch)` yields (features, labels) when
     the features are not cached (crop views). Returns the head in eval() mode, standardisation included."""
@@ -270,16 +241,17 @@ def evaluate(args, argv_out=print):
     data = moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
                      dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
     train_set, test_set, stats = moco.load_data(data)
-    if len(train_set) == 0 or len(test_set) == 0:
-        raise UserError("the training or test split is empty")
+    hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
+    train_set = moco.labelled(train_set, "the training split", hint)
+    test_set = moco.labelled(test_set, "the test split", hint)
     size = args.image_size or ck.get("image_size", 224)
     plain = moco.test_transform(size, stats)
     t0 = time.perf_counter()
-    train_f, train_y = extract_all(encoder, train_set, plain, args, device, rank, world)
-    test_f, test_y = extract_all(encoder, test_set, plain, args, device, rank, world)
+    # moco.py's kNN-monitor path: each rank encodes its contiguous share of a split, gathered in order
+    train_f, train_y = moco.extract_all(encoder, train_set, plain, args.workers, device)  # (N, D), (N,)
+    test_f, test_y = moco.extract_all(encoder, test_set, plain, args.workers, device)  # (n, D), (n,)
     classes = int(max(train_y.max(), test_y.max())) + 1
-    nf = lambda f: F.normalize(f, dim=1)
-    knn = (moco.knn_predict(nf(test_f), nf(train_f), train_y, classes) == test_y).float().mean().item() * 100
+    knn = moco.knn_top1(train_f, train_y, test_f, test_y)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
         f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -316,15 +288,6 @@ def evaluate(args, argv_out=print):
     if world > 1:
         dist.destroy_process_group()
     return result
-
-
-@torch.no_grad()
-def extract(encoder, data, device):
-    fs, ys = [], []
-    for x, y in data:
-        fs.append(encoder(x.to(device)).float().flatten(1))
-        ys.append(y.to(device))
-    return torch.cat(fs), torch.cat(ys)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ Commands
     python moco.py                                   # built-in data (Fashion-MNIST test split), CPU-sized
     python moco.py --data ~/imagenet --preset v2     # image folder, the official v2 recipe
     python moco.py --dataset cifar10 --data ~/cifar --preset cifar --amp   # the official CIFAR-10 notebook
-    torchrun --nproc_per_node=8 moco.py --data ~/imagenet --preset v2 --bn-splits 1
+    torchrun --nproc_per_node=8 moco.py --data ~/imagenet --preset v2   # the same 8 BN groups of 32 images
     python moco.py --resume auto                     # continue the run in --out
     python eval_linear.py --pretrained runs/moco/ckpt.pt
 
@@ -75,7 +75,7 @@ class Args:
     moco_t: float = arg(0.07, "softmax temperature T")
     mlp: bool = arg(False, "v2: 2-layer MLP head")
     symmetric: bool = arg(False, "symmetric loss of the CIFAR notebook (both crops as queries)")
-    bn_splits: int = arg(1, "split batch norm into this many groups per rank (emulates that many GPUs)")
+    bn_splits: int = arg(1, "batch-norm groups of the global batch (official: 8 GPUs), divided among the processes")
     bn: str = arg("shuffle", "shuffle (shuffle-BN, official) | sync (SyncBatchNorm, see README caveat)")
     fused: str = arg("auto", "auto|on|off: fused InfoNCE + enqueue from the moco_ext extension")
     # optimisation and augmentation
@@ -90,15 +90,18 @@ class Args:
                                "augmented there in batches; auto = on CUDA only, on = also on the CPU")
 
 
+# The official ImageNet code has no kNN monitor. Ours encodes 1.33M images (train + val) per pass: measured
+# here (CPU) 0.12 (ResNet-50) to 0.43 (ResNet-18) of an epoch's training time, ~0.26 by FLOPs, more when JPEG
+# decoding bounds the forward-only pass on GPUs. So v1 and v2 run it every 10th epoch (~1-4% of the run), see README.
 PRESETS = {
-    # facebookresearch/moco main_moco.py defaults; bn_splits 8 emulates the official 8 GPUs (32 images each)
+    # facebookresearch/moco main_moco.py defaults; bn_splits 8 = the official 8 GPUs' groups of 32 images
     "v1": dict(arch="resnet50", stem="imagenet", moco_dim=128, moco_k=65536, moco_m=0.999, moco_t=0.07,
                mlp=False, lr=0.03, momentum=0.9, wd=1e-4, schedule="step", milestones="120,160",
-               epochs=200, batch_size=256, aug="v1", crop_min=0.2, image_size=224, bn_splits=8),
+               epochs=200, batch_size=256, aug="v1", crop_min=0.2, image_size=224, bn_splits=8, knn_every=10),
     # Chen et al. 2020 (arXiv 2003.04297v1): v1 + --mlp --moco-t 0.2 --aug-plus --cos
     "v2": dict(arch="resnet50", stem="imagenet", moco_dim=128, moco_k=65536, moco_m=0.999, moco_t=0.2,
                mlp=True, lr=0.03, momentum=0.9, wd=1e-4, schedule="cos", milestones="120,160",
-               epochs=200, batch_size=256, aug="v2", crop_min=0.2, image_size=224, bn_splits=8),
+               epochs=200, batch_size=256, aug="v2", crop_min=0.2, image_size=224, bn_splits=8, knn_every=10),
     # the official CIFAR-10 notebook (colab/moco_cifar10_demo.ipynb)
     "cifar": dict(arch="resnet18", stem="cifar", moco_dim=128, moco_k=4096, moco_m=0.99, moco_t=0.1,
                   mlp=False, lr=0.06, momentum=0.9, wd=5e-4, schedule="cos", epochs=200, batch_size=512,
@@ -163,14 +166,27 @@ def load_checkpoint(path, algo):
     return ckpt
 
 
-def rng_state(device):
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def rng_states(device):
+    """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rank, world = world_info()
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def set_rng_state(states, device):
+    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
+    rank, world = world_info()
+    states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
+    if len(states) != world:
+        return False
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True
 
 
 class Logger:
@@ -263,23 +279,32 @@ class ArrayData:
         return to_rgb(Image.fromarray(self.images[i])), self.labels[i]
 
 
-class FolderData:
-    """PATH/<class>/<image>; an unreadable or truncated image stops the run with its path (documented)."""
+def class_folders(root):
+    """torchvision's find_classes (the sorted sub-folders), hidden ones (.ipynb_checkpoints, ...) left out."""
+    try:
+        return [c for c in torchvision.datasets.folder.find_classes(root)[0] if not c.startswith(".")]
+    except FileNotFoundError:  # no sub-folder at all
+        return []
 
-    def __init__(self, root, files=None):
+
+class FolderData:
+    """ROOT/<class>/**/<image> with torchvision ImageFolder's conventions (make_dataset): the classes are the sorted
+    sub-folders, the images are found recursively in each (Tiny ImageNet's train/<wnid>/images/*.JPEG), sorted.
+    `class_to_idx` labels another split (val) by train's class names; an unreadable or truncated image stops the
+    run with its path (documented)."""
+
+    def __init__(self, root, files=None, class_to_idx=None):
         if files is None:
-            classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-            if not classes:
-                raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-            files = []
-            for c, name in enumerate(classes):
-                found = sorted(e.path for e in os.scandir(os.path.join(root, name))
-                               if e.is_file() and e.name.lower().endswith(IMG_EXT))
-                if not found:
-                    raise UserError(f"class folder {os.path.join(root, name)} has no images")
-                files += [(p, c) for p in found]
-            self.classes = classes
-        self.files = files
+            if class_to_idx is None:
+                class_to_idx = {c: i for i, c in enumerate(class_folders(root))}
+                if not class_to_idx:
+                    raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+            files = torchvision.datasets.folder.make_dataset(root, class_to_idx, IMG_EXT, allow_empty=True)
+            found = {y for _, y in files}
+            for c, i in class_to_idx.items():
+                if i not in found and os.path.isdir(os.path.join(root, c)):
+                    raise UserError(f"class folder {os.path.join(root, c)} has no images")
+        self.files, self.class_to_idx, self.labels = files, class_to_idx, [y for _, y in files]
 
     def __len__(self):
         return len(self.files)
@@ -296,6 +321,8 @@ class FolderData:
 class TorchvisionData:
     def __init__(self, ds):
         self.ds = ds
+        y = getattr(ds, "targets", getattr(ds, "labels", None))  # CIFAR, MNIST: targets; STL-10: labels (-1 unlabeled)
+        self.labels = np.asarray(y).tolist() if y is not None else [int(ds[i][1]) for i in range(len(ds))]
 
     def __len__(self):
         return len(self.ds)
@@ -303,6 +330,32 @@ class TorchvisionData:
     def get(self, i):
         img, y = self.ds[i]
         return to_rgb(img), int(y)
+
+
+class Subset:
+    """Images idx[0], idx[1], ... of a data set: its labelled images, or one rank's share."""
+
+    def __init__(self, base, idx):
+        self.base, self.idx = base, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def get(self, i):
+        return self.base.get(self.idx[i])
+
+    @property
+    def labels(self):
+        return [self.base.labels[i] for i in self.idx]
+
+
+def labelled(ds, what, hint):
+    """The images of `ds` with a label (>= 0): every image trains, but only these enter a kNN bank, a kNN test set
+    or a probe (STL-10's 'train+unlabeled' marks its 100,000 unlabeled images with -1)."""
+    keep = [i for i, y in enumerate(ds.labels) if y >= 0]
+    if not keep:
+        raise UserError(f"{what} has no labelled images (label >= 0){hint}")
+    return ds if len(keep) == len(ds) else Subset(ds, keep)
 
 
 def load_data(args):
@@ -316,15 +369,20 @@ def load_data(args):
     if not os.path.isdir(root) and not (args.download and args.dataset != "folder"):
         raise UserError(f"--data {args.data}: no such folder")
     if args.dataset == "folder":
-        if os.path.isdir(os.path.join(root, "train")):
-            train = FolderData(os.path.join(root, "train"))
-            val = os.path.join(root, "val")
-            test = FolderData(val) if os.path.isdir(val) else None
-        else:
-            train, test = FolderData(root), None
-        if test is None:  # no val folder: every 10th image of each class is held out for testing
-            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9])
-            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9])
+        tr, val, test = os.path.join(root, "train"), os.path.join(root, "val"), None
+        train = FolderData(tr if os.path.isdir(tr) else root)
+        if os.path.isdir(tr) and os.path.isdir(val):  # val's class folders are labelled by train's class names
+            subs = class_folders(val)
+            unknown = [c for c in subs if c not in train.class_to_idx]
+            if subs and not unknown:
+                test = FolderData(val, class_to_idx=train.class_to_idx)
+            elif world_info()[0] == 0:  # e.g. Tiny ImageNet's val/images/*.JPEG + val_annotations.txt
+                why = f"{os.path.join(val, unknown[0])} is not a class of {tr}" if unknown else "no class folders"
+                print(f"note: {val} is not used ({why}); every 10th training image is held out for testing instead",
+                      flush=True)
+        if test is None:  # no usable val folder: every 10th image of the class-sorted list is held out for testing
+            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9], train.class_to_idx)
+            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9], train.class_to_idx)
         return train, test, "imagenet"
     idx = [os.path.join(root, f"{s}-{k}-ubyte.gz") for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
     if args.dataset in ("fashionmnist", "mnist") and all(map(os.path.isfile, idx)):  # the four IDX files in --data
@@ -630,7 +688,10 @@ def view_pairs(loader_, sampler, gpu, device, fmt, seed, epoch):
 # ----------------------------------------------------------------------------------------------------
 class SplitBatchNorm(nn.BatchNorm2d):
     """Batch norm whose training statistics are computed separately over `num_splits` groups of the batch
-    (the CIFAR notebook's SplitBatchNorm): one device behaves like num_splits GPUs for shuffle-BN.
+    (the CIFAR notebook's SplitBatchNorm): one device behaves like num_splits GPUs for shuffle-BN. Group s is
+    the contiguous slice s*N/S .. (s+1)*N/S - 1, the slice rank s holds under torchrun, so 1 process with S
+    splits and S processes train the same model. NOTE(deviation): the notebook interleaves (sample n*S+s in
+    group s); on a randomly ordered batch both give the same distribution of groups.
     Works for [N, C] and [N, C, H, W]; running statistics are the average over the groups."""
 
     def __init__(self, num_features, num_splits=1, **kw):
@@ -642,20 +703,23 @@ class SplitBatchNorm(nn.BatchNorm2d):
             raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
     def forward(self, x):
-        S, (N, C) = self.num_splits, x.shape[:2]
+        S, N = self.num_splits, x.shape[0]
         if not self.training or S == 1:
             return super().forward(x)
-        if N % S:
-            raise UserError(f"per-rank batch {N} is not divisible by --bn-splits {S}")
-        # sample n*S+s goes to group s: (N, C, ...) -> (N/S, S*C, ...) is a view of a contiguous tensor
-        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)  # (S*C,)
-        y = F.batch_norm(x.reshape(N // S, S * C, *x.shape[2:]), mean, var, self.weight.repeat(S),
-                         self.bias.repeat(S), True, self.momentum, self.eps)
-        with torch.no_grad():  # running statistics: the average over the groups
-            self.running_mean.copy_(mean.view(S, C).mean(0))
-            self.running_var.copy_(var.view(S, C).mean(0))
+        if N % S or N // S < 2:
+            raise UserError(f"batch of {N} cannot be split into {S} batch-norm groups of 2 or more images")
+        xs = x.unflatten(0, (S, N // S))  # (S, N/S, C, ...), a view in any memory format
+        dims = [1] + list(range(3, xs.dim()))  # all but the group and the channel
+        var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)  # (S, 1, C, 1, ...) each
+        shape = [1, 1, -1] + [1] * (xs.dim() - 3)
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)  # (S, 1, C, 1, ...)
+        y = (xs - mean) * scale + self.bias.view(shape)  # (S, N/S, C, ...)
+        with torch.no_grad():  # running statistics: the average over the groups (unbiased variance, as BN)
+            n = xs[0].numel() // xs.shape[2]  # values per channel in one group
+            self.running_mean.lerp_(mean.reshape(S, -1).mean(0), self.momentum)
+            self.running_var.lerp_(var.reshape(S, -1).mean(0) * (n / (n - 1)), self.momentum)
             self.num_batches_tracked.add_(1)
-        return y.view_as(x)
+        return y.flatten(0, 1)  # (N, C, ...)
 
 
 class Basic32(nn.Module):
@@ -709,6 +773,12 @@ def infonce_loss(q, k, queue, T):
     logits = infonce_logits(q, k, queue, T)  # (N, 1+K)
     loss = F.cross_entropy(logits, logits.new_zeros(len(q), dtype=torch.long), reduction="none")  # (N,)
     return loss, (logits[:, 1:] > logits[:, :1]).sum(1)  # (N,), (N,)
+
+
+def at_least_fp32(x):
+    """Half-precision outputs (autocast) -> float32; float32 and float64 stay as they are, so a float64 model
+    computes in float64 (how this code is checked against the official builder step by step)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @torch.no_grad()
@@ -780,7 +850,7 @@ class MoCo(nn.Module):
     def _keys(self, im_k):
         with torch.no_grad():
             im_k, idx_unshuffle = self._batch_shuffle(im_k)
-            k = F.normalize(self.encoder_k(im_k).float(), dim=1)  # (N, C), fp32 under autocast
+            k = F.normalize(at_least_fp32(self.encoder_k(im_k)), dim=1)  # (N, C), fp32 under autocast
             return self._batch_unshuffle(k, idx_unshuffle)
 
     def forward(self, im_q, im_k, return_loss=False):
@@ -789,7 +859,7 @@ class MoCo(nn.Module):
         with torch.no_grad():
             self._momentum_update_key_encoder()
         if not return_loss:
-            q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # (N, C)
+            q = F.normalize(at_least_fp32(self.encoder_q(im_q)), dim=1)  # (N, C)
             k = self._keys(im_k)  # (N, C)
             with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
                 logits = infonce_logits(q, k, self.queue.clone().detach(), self.T)  # (N, 1+K)
@@ -798,7 +868,7 @@ class MoCo(nn.Module):
         pairs = [(im_q, im_k), (im_k, im_q)] if self.symmetric else [(im_q, im_k)]
         losses, beats, keys = [], [], []
         for a, b in pairs:
-            q = F.normalize(self.encoder_q(a).float(), dim=1)  # (N, C)
+            q = F.normalize(at_least_fp32(self.encoder_q(a)), dim=1)  # (N, C)
             k = self._keys(b)  # (N, C)
             with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
                 if self.fused is not None:  # no (N, 1+K) logits; backward never reads the queue again
@@ -819,18 +889,40 @@ class MoCo(nn.Module):
 # --- shared: knn ---
 @torch.no_grad()
 def extract(encode, data, device):
-    """-> L2-normalised features (M, D) and labels (M,) of a loader, in order."""
+    """-> features (M, D) in fp32 and labels (M,) of a loader, in order."""
     feats, labels = [], []
     for x, y in data:
-        feats.append(F.normalize(encode(x.to(device, non_blocking=True)).float().flatten(1), dim=1))
+        feats.append(encode(x.to(device, non_blocking=True)).float().flatten(1))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_all(encode, ds, tf, workers, device):
+    """Features (M, D) and labels (M,) of a whole data set, in order, on every rank. Under torchrun rank r encodes
+    its contiguous share, images r*M//world .. (r+1)*M//world - 1, and the shares are gathered: a pass over
+    ImageNet costs each of 8 ranks 1/8 of it, instead of rank 0 the whole pass while the others wait."""
+    rank, world = world_info()
+    if len(ds) < world:
+        raise UserError(f"{len(ds)} images cannot be shared by {world} processes")
+    bounds = [r * len(ds) // world for r in range(world + 1)]
+    share = Subset(ds, range(bounds[rank], bounds[rank + 1]))
+    f, y = extract(encode, loader(Seeded(share, tf), 512, workers, device=device), device)  # (m, D), (m,)
+    if world == 1:
+        return f, y
+    per = -(-len(ds) // world)  # all_gather takes equal sizes: every share padded to the largest
+    fs, ys = [f.new_empty(per, f.shape[1]) for _ in range(world)], [y.new_empty(per) for _ in range(world)]
+    dist.all_gather(fs, F.pad(f, (0, 0, 0, per - len(f))))
+    dist.all_gather(ys, F.pad(y, (0, per - len(y)), value=-1))
+    n = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    return torch.cat([t[:k] for t, k in zip(fs, n)]), torch.cat([t[:k] for t, k in zip(ys, n)])  # (M, D), (M,)
 
 
 @torch.no_grad()
 def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
     """Wu et al. 2018 (arXiv 1805.01978v1) weighted kNN: the top-k cosine neighbours vote exp(s/t)."""
     preds = []
+    chunk = max(1, min(chunk, 2 ** 28 // len(bank)))  # a (chunk, M) block of at most 1 GB: 209 rows for ImageNet
     for f in feats.split(chunk):
         sim, idx = (f @ bank.T).topk(min(k, len(bank)), dim=1)  # (n, k)
         votes = torch.zeros(len(f), classes, device=f.device)  # (n, classes)
@@ -838,11 +930,28 @@ def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
     return torch.cat(preds)
 
 
-def knn_accuracy(encode, bank_loader, test_loader, device, k=200, t=0.1):
-    bank, bank_y = extract(encode, bank_loader, device)
-    test, test_y = extract(encode, test_loader, device)
+def knn_top1(bank, bank_y, test, test_y, k=200, t=0.1):
+    """Top-1 % of the weighted kNN classifier on cosine similarity (features L2-normalised here)."""
+    bank, test = F.normalize(bank, dim=1), F.normalize(test, dim=1)  # (M, D), (n, D)
     classes = int(max(bank_y.max(), test_y.max())) + 1
     return (knn_predict(test, bank, bank_y, classes, k, t) == test_y).float().mean().item() * 100
+
+
+def knn_accuracy(encode, bank_set, test_set, tf, workers, device, k=200, t=0.1):
+    """The kNN monitor: every rank encodes its share of the bank and of the test set (labelled images only,
+    labelled()) and every rank returns the same top-1 %."""
+    if world_info()[1] > 1:  # BN statistics are rank-local until DDP's next forward: use rank 0's (the checkpoint's)
+        for b in encode.buffers():
+            dist.broadcast(b, 0)
+    bank, bank_y = extract_all(encode, bank_set, tf, workers, device)  # (M, D), (M,)
+    test, test_y = extract_all(encode, test_set, tf, workers, device)  # (n, D), (n,)
+    return knn_top1(bank, bank_y, test, test_y, k, t)
+
+
+def knn_monitor(encode, bank_set, test_set, tf, workers, device):
+    """-> (kNN top-1 %, seconds it took): the monitor's cost is logged beside its result."""
+    t0 = time.perf_counter()
+    return knn_accuracy(encode.eval(), bank_set, test_set, tf, workers, device), time.perf_counter() - t0
 # --- end shared: knn ---
 
 
@@ -859,8 +968,9 @@ def load_fused(mode, device):
         raise UserError(f"--fused must be auto, on or off, not {mode!r}")
     try:
         import moco_ext
-        if device.type == "cuda" and not moco_ext.HAS_CUDA:
-            raise ImportError("moco_ext was built without CUDA kernels")
+        reason = moco_ext.unusable_reason(device)  # no CUDA kernels, or none for this GPU's architecture
+        if reason:
+            raise ImportError(reason)
         return moco_ext
     except Exception as e:
         if mode == "on":
@@ -880,27 +990,52 @@ def adjust_lr(opt, epoch, args):
     return lr
 
 
-def check_args(args, world, n_train):
-    if args.aug not in ("v1", "v2", "cifar") or args.schedule not in ("step", "cos") or args.bn not in ("shuffle", "sync"):
-        raise UserError("--aug must be v1|v2|cifar, --schedule step|cos, --bn shuffle|sync")
-    if args.gpu_aug not in ("auto", "on", "off"):
-        raise UserError(f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}")
+def check_hparams(args):
+    """Values that make no sense stop here, before any work, in one line (exit 2)."""
+    for bad, msg in [
+        (args.aug not in ("v1", "v2", "cifar"), f"--aug must be v1, v2 or cifar, not {args.aug!r}"),
+        (args.schedule not in ("step", "cos"), f"--schedule must be step or cos, not {args.schedule!r}"),
+        (args.bn not in ("shuffle", "sync"), f"--bn must be shuffle or sync, not {args.bn!r}"),
+        (args.stem not in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, not {args.stem!r}"),
+        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
+        (not 0 <= args.moco_m <= 1, f"--moco-m {args.moco_m} must be in [0, 1] (1 = a frozen key encoder)"),
+        (args.moco_k < 1, f"--moco-k {args.moco_k} must be >= 1"),
+        (not 0 < args.moco_t < math.inf, f"--moco-t {args.moco_t} must be > 0"),
+        (args.moco_dim < 1, f"--moco-dim {args.moco_dim} must be >= 1"),
+        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
+        (args.batch_size < 2, f"--batch-size {args.batch_size} must be >= 2"),
+        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
+        (not 0 <= args.momentum < 1, f"--momentum {args.momentum} must be in [0, 1)"),
+        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
+        (not 0 < args.crop_min <= 1, f"--crop-min {args.crop_min} must be in (0, 1]"),
+        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8"),
+        (args.bn_splits < 1, f"--bn-splits {args.bn_splits} must be >= 1"),
+        (args.bn == "sync" and args.bn_splits > 1, "--bn sync and --bn-splits > 1 exclude each other"),
+        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
+        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
+        (min(args.max_steps, args.save_every, args.knn_every) < 0,
+         "--max-steps, --save-every and --knn-every must be >= 0"),
+        (not all(m.strip().isdigit() for m in args.milestones.split(",") if m.strip()),
+         f"--milestones {args.milestones!r} must be epochs separated by commas, e.g. 120,160"),
+    ]:
+        if bad:
+            raise UserError(msg)
+
+
+def check_args(args, world):
+    """The checks that need the number of processes."""
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
     if args.moco_k < keys_per_step:
         raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued per "
                         f"step (global batch {args.batch_size}{', x2 for --symmetric' if args.symmetric else ''})")
-    if (args.batch_size // world) % args.bn_splits:
-        raise UserError(f"per-rank batch {args.batch_size // world} is not divisible by --bn-splits {args.bn_splits}")
-    if args.bn == "sync" and args.bn_splits > 1:
-        raise UserError("--bn sync and --bn-splits > 1 exclude each other")
-    if n_train == 0:
-        raise UserError("the training set is empty")
-    if args.batch_size > n_train:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
-    if args.epochs < 1 or args.moco_t <= 0:
-        raise UserError("--epochs must be >= 1 and --moco-t > 0")
+    if args.bn_splits % world:
+        raise UserError(f"--bn-splits {args.bn_splits} (batch-norm groups of the global batch) is not a multiple "
+                        f"of the {world} processes; e.g. --bn-splits {world}")
+    if args.batch_size % args.bn_splits or args.batch_size // args.bn_splits < 2:
+        raise UserError(f"--batch-size {args.batch_size} cannot be split into --bn-splits {args.bn_splits} "
+                        "batch-norm groups of 2 or more images")
 
 
 def train(argv=None):
@@ -911,7 +1046,9 @@ def train(argv=None):
         if args.resume != "auto" or os.path.exists(src):
             ckpt = load_checkpoint(src, "moco")
             args = Args(**{**ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+    check_hparams(args)
     device, rank, world = setup_device(args)
+    check_args(args, world)
     log = Logger(args.out, rank == 0)
     if rank == 0:
         make_out(args.out)
@@ -922,13 +1059,17 @@ def train(argv=None):
             log(f"note: --resume auto found no {path}; starting fresh")
 
     train_set, test_set, stats = load_data(args)
-    check_args(args, world, len(train_set))
+    if len(train_set) == 0:
+        raise UserError("the training set is empty")
+    if args.batch_size > len(train_set):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     train_tf, test_tf = transforms(args, stats)
     per_rank = args.batch_size // world
     sampler = EpochSampler(len(train_set), per_rank, args.seed, rank, world)
     train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
-    bank_loader = loader(Seeded(train_set, test_tf), 512, args.workers, device=device)
-    test_loader = loader(Seeded(test_set, test_tf), 512, args.workers, device=device)
+    hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
+    bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
+    knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
     gpu = None  # (uint8 images on the device, BatchAugment) when the batched device path is on
     if args.gpu_aug == "on" or (args.gpu_aug == "auto" and device.type == "cuda"):
         images = device_images(train_set, device)
@@ -936,8 +1077,9 @@ def train(argv=None):
             gpu = (images[0], batch_augment(args, stats, channels_last=device.type == "cuda"))
         elif args.gpu_aug == "on":
             log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
-    log(f"data: {len(train_set)} images, " + (f"uint8 on {device}, augmented there in batches" if gpu else
-                                            f"augmented by the CPU loader with {args.workers} workers"))
+    some = f" ({len(bank_set)} labelled: the kNN bank)" if len(bank_set or train_set) < len(train_set) else ""
+    log(f"data: {len(train_set)} images{some}, " + (f"uint8 on {device}, augmented there in batches" if gpu else
+                                                   f"augmented by the CPU loader with {args.workers} workers"))
 
     amp_dtype = None
     if args.amp and device.type == "cuda":
@@ -946,7 +1088,8 @@ def train(argv=None):
     elif args.amp:
         log("note: --amp is ignored on the CPU")
     fused = load_fused(args.fused, device)
-    base = partial(build_encoder, args.arch, args.stem, args.bn_splits, args.bn == "sync" and world > 1)
+    # --bn-splits counts the groups of the global batch (the official run: 8 GPUs); each rank holds its share
+    base = partial(build_encoder, args.arch, args.stem, args.bn_splits // world, args.bn == "sync" and world > 1)
     model = MoCo(base, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric, fused)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
@@ -958,21 +1101,25 @@ def train(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"], device)
+        if not set_rng_state(ckpt["rng"], device):
+            log(f"note: {src} was saved by another number of processes: each rank goes on from its current random "
+                "state (the data order and augmentations do not depend on it)")
         log(f"resumed from {src} at epoch {epoch} step {step}")
     if args.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
     net = model
-    if world > 1:  # the queue is identical on every rank by construction: keep DDP from re-broadcasting it
+    if world > 1:  # rank 0's initial queue on every rank; identical from then on by construction, so DDP must
+        dist.broadcast(model.queue, 0)  # not re-broadcast it (33.5 MB at K = 65536) at every forward
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["queue", "queue_ptr"])
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(ep, at):
+        rngs = rng_states(device)  # every rank's, so that a resumed run draws what an uninterrupted one would
         if rank == 0:
             save_checkpoint({"algo": "moco", "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
-                             "rng": rng_state(device), "args": dataclasses.asdict(args),
+                             "rng": rngs, "args": dataclasses.asdict(args),
                              "time_s": elapsed()}, path)
 
     steps_per_epoch = sampler.steps()
@@ -1021,16 +1168,17 @@ def train(argv=None):
                 save(epoch, pos)
         if pos == steps_per_epoch:
             epoch, pos = epoch + 1, 0
-            if rank == 0 and args.knn_every and epoch % args.knn_every == 0:
-                model.encoder_q.eval()  # the notebook monitors encoder_q's (normalised) output
-                knn = knn_accuracy(model.encoder_q, bank_loader, test_loader, device)
-                log(f"epoch {epoch} kNN top-1 {knn:.2f}", step=step, epoch=epoch, knn_top1=knn)
+            if args.knn_every and epoch % args.knn_every == 0:  # every rank encodes its share
+                # the notebook monitors encoder_q's (normalised) output
+                knn, knn_s = knn_monitor(model.encoder_q, bank_set, knn_test, test_tf, args.workers, device)
+                log(f"epoch {epoch} kNN top-1 {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn,
+                    knn_s=knn_s)
         save(epoch, pos)
+    if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
+        knn, knn_s = knn_monitor(model.encoder_q, bank_set, knn_test, test_tf, args.workers, device)
+        log(f"step {step} kNN top-1 {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch + pos / steps_per_epoch,
+            knn_top1=knn, knn_s=knn_s)
     if rank == 0:
-        if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
-            model.encoder_q.eval()
-            knn = knn_accuracy(model.encoder_q, bank_loader, test_loader, device)
-            log(f"step {step} kNN top-1 {knn:.2f}", step=step, epoch=epoch + pos / steps_per_epoch, knn_top1=knn)
         loss_txt = "n/a" if first_loss is None else f"{first_loss:.4f} -> {last_loss:.4f}"
         knn_txt = "off" if knn is None else f"{knn:.2f}"
         log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {loss_txt}, "

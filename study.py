@@ -225,8 +225,7 @@ def probe(kind, train_f, test_f, views, seed, args):
     """-> top-1 % on the test images of a probe trained on the training images' features."""
     train_y, test_y = views["train"][1].to(train_f.device), views["test"][1].to(train_f.device)
     if kind == "knn":
-        nf = lambda f: F.normalize(f, dim=1)
-        return (moco.knn_predict(nf(test_f), nf(train_f), train_y, 10) == test_y).float().mean().item() * 100
+        return moco.knn_top1(train_f, train_y, test_f, test_y)  # the kNN of moco.py's monitor and eval_linear.py
     e = args.probe_epochs if kind == "linear" else args.mlp_epochs
     # linear: eval_linear's standardised SGD protocol, shortened; mlp: the DIM paper's probe at batch 256 and
     # lr 4e-4 (eval_linear: batch 64, lr 1e-4), so that 10 epochs fit the CPU budget

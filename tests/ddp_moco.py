@@ -3,7 +3,9 @@
     torchrun --nproc_per_node=2 tests/ddp_moco.py train OUT moco.py-flags...   -> OUT/rank{r}.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py logits OUT                   -> OUT/logits.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py dim OUT dim.py-flags...      -> OUT/rank{r}.pt
+train and dim also write OUT/extract_rank{r}.json: the number of images rank r encoded in each call of extract().
 """
+import json
 import os
 import sys
 from functools import partial
@@ -21,6 +23,15 @@ def batch_and_perm():
     return torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, 3, 32, 32, generator=g), torch.randperm(16, generator=g)
 
 
+def count_images(extract, counts):
+    """extract() that also appends the number of images it encoded to `counts`."""
+    def counted(encode, data, device):
+        f, y = extract(encode, data, device)
+        counts.append(len(y))
+        return f, y
+    return counted
+
+
 def small_moco(bn_splits):
     torch.manual_seed(0)
     return moco.MoCo(partial(moco.build_encoder, "basic32", "cifar", bn_splits), dim=16, K=64, m=0.99, T=0.2)
@@ -30,13 +41,18 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
     if mode in ("train", "dim"):
+        import dim
+        counts = []  # images this rank encoded in each feature extraction (the kNN monitor's bank and test set)
+        for script in (moco, dim):
+            script.extract = count_images(script.extract, counts)
         if mode == "dim":
-            import dim
             model, prior = dim.train(sys.argv[3:] + ["--out", out])
             model = torch.nn.ModuleDict({"model": model, "prior": prior})
         else:
             model = moco.train(sys.argv[3:] + ["--out", out])
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+        with open(os.path.join(out, f"extract_rank{rank}.json"), "w") as f:
+            json.dump(counts, f)
     else:
         dist.init_process_group("gloo")
         xq, xk, perm = batch_and_perm()

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from functools import partial
 
 import moco
 
@@ -76,27 +77,20 @@ def test_killed_and_resumed_equals_uninterrupted(ddp_run, tmp_path, image_folder
 
 def test_two_ranks_match_one_process_with_split_bn(tmp_path, monkeypatch):
     """Shuffle-BN on 2 ranks of 8 images == one process on the 16 images with --bn-splits 2, given the same
-    permutation. SplitBatchNorm puts sample 2n+s in group s, so the single process sees the batch
-    interleaved, and the permutation is mapped to put rank r's shuffled keys in group r."""
+    permutation: split BN's group s is the contiguous slice 8s..8s+7, the images rank s holds and, after the
+    shuffle, the keys rank s encodes."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import ddp_moco
     out = str(tmp_path / "logits")
     torchrun(["logits", out], port=29542)
     ref = torch.load(os.path.join(out, "logits.pt"))
     xq, xk, perm = ddp_moco.batch_and_perm()
-    inter = torch.tensor([s * 8 + n for n in range(8) for s in range(2)])  # position 2n+s holds image 8s+n
-    pos = torch.argsort(inter)  # image i sits at pos[i]
-    single_perm = torch.empty(16, dtype=torch.long)
-    for s in range(2):
-        for j in range(8):
-            single_perm[2 * j + s] = pos[perm[s * 8 + j]]  # rank s's j-th shuffled key -> group s
-    monkeypatch.setattr(torch, "randperm", lambda n, device=None: single_perm.clone())
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: perm.clone())
     model = ddp_moco.small_moco(2)
     with torch.no_grad():
-        logits, _ = model(xq[inter], xk[inter])  # (16, 1+K), interleaved order
-    got = logits[pos]  # back to image order
-    assert torch.allclose(got, ref["logits"], atol=1e-4), (got - ref["logits"]).abs().max()
-    assert model.queue_ptr.item() == ref["ptr"].item() == 16
+        logits, _ = model(xq, xk)  # (16, 1+K)
+    assert torch.allclose(logits, ref["logits"], atol=1e-4), (logits - ref["logits"]).abs().max()
+    assert torch.allclose(model.queue, ref["queue"], atol=1e-5) and model.queue_ptr.item() == ref["ptr"].item() == 16
 
 
 def test_eval_linear_two_ranks_match_one(tmp_path, capsys):
@@ -139,3 +133,43 @@ def test_dim_two_ranks_stay_identical(tmp_path, image_folder):
         for k, v in ck[part].items():
             if "running_" not in k and "num_batches" not in k:
                 assert torch.equal(v, r0[f"{part}.{k}"]), k
+
+
+def test_one_process_and_two_train_the_same_model(tmp_path, image_folder):
+    """The same flags on 1 process and on 2 (--bn-splits 2 = 2 batch-norm groups of the global batch 32: one
+    per rank, or both on one process): after 3 steps the same weights and queue up to float rounding. This holds
+    only if split BN groups the queries as torchrun slices them (contiguously) and the keys' shuffled groups
+    likewise, and every rank starts from rank 0's queue."""
+    flags = ["--data", image_folder, "--max-steps", "3", "--batch-size", "32", "--moco-k", "100", "--bn-splits",
+             "2", "--workers", "0", "--knn-every", "0", "--epochs", "3", "--device", "cpu"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = subprocess.run([sys.executable, "moco.py", "--out", one] + flags, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(["train", two] + flags, port=29547)
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["model"] for d in (one, two))
+    init = moco.MoCo(partial(moco.build_encoder, "basic32", "cifar"), K=100, dim=128).state_dict()
+    for k, v in a.items():
+        if "running_" in k or "num_batches" in k:  # rank 0's statistics (DDP broadcasts them), not the mean
+            continue
+        assert torch.allclose(v.float(), b[k].float(), rtol=0, atol=1e-5), (k, (v.float() - b[k].float()).abs().max())
+        if k.startswith("encoder_q.") and k.endswith("weight"):
+            assert not torch.allclose(v, init[k], atol=1e-3), k  # the weights did move in 3 steps
+
+
+def test_dim_killed_and_resumed_equals_uninterrupted_on_two_ranks(tmp_path, image_folder):
+    """dim.py on 2 ranks (local + global + prior, a random subset of locations): 3 steps, stop, resume to 6 ==
+    6 straight. Each rank draws its own prior samples and location subsets, so each rank's random state must
+    be saved and restored, not rank 0's on every rank."""
+    flags = ["--data", image_folder, "--preset", "dimLG", "--batch-size", "32", "--epochs", "2", "--workers", "0",
+             "--knn-every", "0", "--local-samples", "16", "--mi-units", "64", "--device", "cpu"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    torchrun(["dim", a, "--max-steps", "5"] + flags, port=29548)
+    torchrun(["dim", b, "--max-steps", "2"] + flags, port=29549)
+    log = torchrun(["dim", b, "--max-steps", "5", "--resume", "auto"] + flags, port=29550)
+    assert "resumed" in log
+    ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (a, b))
+    assert ca["step"] == cb["step"] == 5 and len(cb["rng"]) == 2
+    for part in ("model", "prior"):
+        for k, v in ca[part].items():
+            assert torch.equal(v, cb[part][k]), (part, k)

@@ -117,6 +117,43 @@ def test_prior_gradient_signs():
     assert all(torch.equal(a, b) for a, b in zip(before, d.parameters()))  # the encoder step leaves D alone
 
 
+def test_prior_step_runs_outside_autocast_with_its_own_scaler(monkeypatch):
+    """train_step under bf16 autocast (CPU autocast here): the encoder runs under autocast, the discriminator's
+    loss, step and the encoder's prior loss outside it in float32, and the discriminator's loss goes through its
+    own gradient scaler (the encoder's scaler sees only the encoder's loss)."""
+    torch.manual_seed(0)
+    model, prior = dim.DIM(dim.build_encoder("basic32", 32), (128, 8, 8), units=32), dim.prior_discriminator()
+    seen = []
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            seen.append((fn.__name__, torch.is_autocast_enabled("cpu"), (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
+        return wrapped
+    monkeypatch.setattr(dim, "prior_d_loss", spy(dim.prior_d_loss))
+    monkeypatch.setattr(dim, "prior_encoder_loss", spy(dim.prior_encoder_loss))
+
+    class Scaler(torch.amp.GradScaler):
+        def __init__(self):
+            super().__init__("cpu", enabled=False)
+            self.scaled = []
+
+        def scale(self, loss):
+            self.scaled.append(loss)
+            return super().scale(loss)
+    scaler, scaler_prior = Scaler(), Scaler()
+    opts = torch.optim.Adam(model.parameters(), 1e-4), torch.optim.Adam(prior.parameters(), 1e-4)
+    before = [p.detach().clone() for p in prior.parameters()]
+    args = dim.Args(gamma=0.1, estimator="jsd")
+    vals = dim.train_step(model, prior, opts, (scaler, scaler_prior), torch.randn(8, 3, 32, 32), args, torch.bfloat16)
+    assert seen == [("prior_d_loss", False, torch.float32), ("prior_encoder_loss", False, torch.float32)], seen
+    assert len(scaler_prior.scaled) == 1 and scaler_prior.scaled[0] is not scaler.scaled[0]
+    assert torch.isclose(scaler_prior.scaled[0], vals[4]) and torch.isfinite(vals).all()
+    assert all(p.grad.dtype == torch.float32 for p in prior.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, prior.parameters()))  # the discriminator stepped
+
+
 # ---------------------------------------------------------------------------------------------------
 # Learning: a short local-DIM run on real images beats the same encoder at random initialisation
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +229,8 @@ def probe(ckpt, layer, *extra):
 def test_end_to_end_eval_linear(trained, layer):
     res = probe(str(trained / "ckpt.pt"), layer, *(["--random-init"] if layer == "y" else []))
     assert res["feature_dim"] == {"conv": 256 * 4 * 4, "fc": 1024, "y": 64}[layer]
-    assert res["n_train"] == 8000 and res["n_test"] == 2000 and 10 < res["top1"] <= 100
+    # the probe works (~10% on mixed-up labels); learning is judged against random init in test_local_dim_learns
+    assert res["n_train"] == 8000 and res["n_test"] == 2000 and 50 < res["top1"] <= 100
 
 
 def test_encoder_for_eval(trained):
@@ -317,6 +355,39 @@ def test_bad_inputs(tmp_path):
     assert (tmp_path / "a_file").read_text() == "keep me"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert_user_error(run("dim.py", "--resume", tmp_path / "junk.pt", *quick, check=False), "cannot read")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--lr", "nan"], "--lr nan must be > 0"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--epochs", "0"], "--epochs 0 must be >= 1"),
+    (["--beta1", "1"], "--beta1 and --beta2 must be in [0, 1)"),
+    (["--beta2", "-0.1"], "--beta1 and --beta2 must be in [0, 1)"),
+    (["--wd", "-1"], "--wd -1.0 must be >= 0"),
+    (["--prior-gp", "-1"], "--prior-gp -1.0 must be >= 0"),
+    (["--gamma", "-0.1"], "--alpha, --beta, --gamma must be >= 0"),
+    (["--alpha", "0", "--beta", "0"], "with --alpha or --beta > 0"),
+    (["--alpha", "inf"], "--alpha, --beta, --gamma must be >= 0"),
+    (["--y-dim", "0"], "--y-dim and --mi-units must be >= 1"),
+    (["--mi-units", "0"], "--y-dim and --mi-units must be >= 1"),
+    (["--local-samples", "-1"], "--local-samples -1 must be >= 0"),
+    (["--image-size", "-8"], "--image-size -8 must be >= 8"),
+    (["--image-size", "36"], "needs --image-size a multiple of 8"),
+    (["--workers", "-1"], "--workers -1 must be >= 0"),
+    (["--log-every", "0"], "--log-every 0 must be >= 1"),
+    (["--save-every", "-1"], "must be >= 0"),
+    (["--critic", "bilinear"], "--critic must be dot or concat"),
+    (["--aug", "flip"], "--aug must be none, crop or auto"),
+])
+def test_nonsense_hyperparameters_stop_before_any_work(argv, message, tmp_path, capsys):
+    """One line, exit 2, and nothing done: no output folder, no data read."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        dim.main(["--out", str(out), "--workers", "0", "--knn-every", "0"] + argv)
+    cap = capsys.readouterr()
+    assert e.value.code == 2 and cap.err.startswith("error: ") and message in cap.err, cap.err
+    assert cap.err.count("\n") == 1 and not out.exists() and "data:" not in cap.out
 
 
 def test_eval_linear_checks_flags_before_the_work(trained, tmp_path):

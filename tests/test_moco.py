@@ -87,32 +87,41 @@ def test_shuffle_then_unshuffle_is_identity():
     model = tiny_model()
     x = torch.randn(12, 3, 2, 2)
     shuffled, idx_un = model._batch_shuffle(x)
-    assert not torch.equal(shuffled, x) and torch.equal(shuffled.sum(0), shuffled.sum(0))
+    assert not torch.equal(shuffled, x)
+    flat = lambda t: sorted(map(tuple, t.flatten(1).tolist()))
+    assert flat(shuffled) == flat(x)  # the same images, reordered
     assert torch.equal(model._batch_unshuffle(shuffled, idx_un), x)
 
 
-def test_split_batchnorm_equals_separate_groups():
+@pytest.mark.parametrize("shape", [(16, 6, 3, 3), (16, 6)])
+def test_split_batchnorm_equals_separate_groups(shape):
+    """Group s is the contiguous slice 4s..4s+3 (rank s's slice under torchrun): values, gradients and the
+    running statistics equal those of S separate BatchNorms, one per group; eval() is plain batch norm."""
     torch.manual_seed(0)
-    S, C = 4, 6
+    S, C = 4, shape[1]
     bn = moco.SplitBatchNorm(C, num_splits=S)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
-    x = torch.randn(16, C, 3, 3) * 3 + 1
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = torch.randn(*shape, dtype=torch.float64)
+    bn = bn.double()
     y = bn(x)
-    refs = [nn.BatchNorm2d(C) for _ in range(S)]
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    refs = [(nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(C).double() for _ in range(S)]
     for s, r in enumerate(refs):
-        r.load_state_dict({k: v for k, v in bn.state_dict().items()}, strict=False)
-        r.running_mean.zero_()
-        r.running_var.fill_(1)
         with torch.no_grad():
             r.weight.copy_(bn.weight)
             r.bias.copy_(bn.bias)
-        assert torch.allclose(y[s::S], r(x[s::S]), atol=1e-5)  # sample n*S+s is in group s
-    assert torch.allclose(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0), atol=1e-6)
-    assert torch.allclose(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0), atol=1e-6)
+        xs = x.detach()[4 * s:4 * s + 4].clone().requires_grad_()
+        ys = r(xs)
+        (gs,) = torch.autograd.grad((ys * w[4 * s:4 * s + 4]).sum(), xs)
+        assert torch.allclose(y[4 * s:4 * s + 4], ys, atol=1e-10)
+        assert torch.allclose(gx[4 * s:4 * s + 4], gs, atol=1e-10)
+    assert torch.allclose(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0), atol=1e-12)
+    assert torch.allclose(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0), atol=1e-12)
     bn.eval()
-    plain = nn.BatchNorm2d(C).eval()
+    plain = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(C).double().eval()
     plain.load_state_dict(bn.state_dict())
     assert torch.allclose(bn(x), plain(x))
 
@@ -132,6 +141,44 @@ def test_forward_official_and_training_step_agree():
     assert math.isclose(acc1.item(), (top5[:, 0] == 0).float().mean().item() * 100, abs_tol=1e-4)
     assert math.isclose(acc5.item(), (top5 == 0).any(1).float().mean().item() * 100, abs_tol=1e-4)
     assert torch.equal(a.queue, b.queue) and a.queue_ptr.item() == b.queue_ptr.item() == 8
+
+
+def test_float64_model_matches_the_official_builder_step_by_step():
+    """A float64 model computes in float64 (nothing is cast to float32 inside): 3 SGD steps against the official
+    builder's algorithm written out here (facebookresearch/moco builder.py: q, momentum update, shuffled keys,
+    einsum logits against queue.clone().detach(), cross-entropy with label 0, enqueue at ptr), to 1e-12."""
+    import copy
+    ours = tiny_model(K=24, dim=16).double()  # K a multiple of the batch of 8: the official assert holds
+    ref = copy.deepcopy(ours)
+    sgd = lambda model: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9,
+                                        weight_decay=1e-4)
+    opt_a, opt_b = sgd(ours), sgd(ref)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x1, x2 = (torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2))
+        torch.manual_seed(100 + step)
+        logits_a, labels = ours(x1, x2)
+        torch.manual_seed(100 + step)
+        q = F.normalize(ref.encoder_q(x1), dim=1)  # (N, C)
+        with torch.no_grad():
+            for pq, pk in zip(ref.encoder_q.parameters(), ref.encoder_k.parameters()):
+                pk.data = pk.data * ref.m + pq.data * (1.0 - ref.m)
+            idx = torch.randperm(8)
+            k = F.normalize(ref.encoder_k(x2[idx]), dim=1)[torch.argsort(idx)]  # (N, C)
+        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", [q, ref.queue.clone().detach()])
+        logits_b = torch.cat([l_pos, l_neg], dim=1) / ref.T  # (N, 1+K)
+        ptr = int(ref.queue_ptr)
+        ref.queue[:, ptr:ptr + 8] = k.T
+        ref.queue_ptr[0] = (ptr + 8) % ref.K
+        assert logits_a.dtype == torch.float64
+        assert torch.allclose(logits_a, logits_b, rtol=0, atol=1e-12), (logits_a - logits_b).abs().max()
+        for opt, logits in ((opt_a, logits_a), (opt_b, logits_b)):
+            opt.zero_grad()
+            F.cross_entropy(logits, labels).backward()
+            opt.step()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-12), name
 
 
 def test_symmetric_loss_enqueues_both_key_sets():
@@ -250,7 +297,9 @@ def test_end_to_end_then_eval_linear(tmp_path):
     assert "sanity check passed" in r.stdout
     res = json.load(open(os.path.join(out, "eval_backbone_linear.json")))
     assert res["n_train"] == 8000 and res["n_test"] == 2000 and res["feature_dim"] == 1024
-    assert 10.0 < res["top1"] <= 100.0 and res["top5"] >= res["top1"]
+    # the probe works (a probe on mixed-up labels stays near 10%; even random features give ~75% here); learning
+    # itself is judged against the random-init encoder in test_learning_lowers_held_out_loss and test_study
+    assert 50.0 < res["top1"] <= 100.0 and res["top5"] >= res["top1"]
 
 
 def run_moco(argv, workers):
@@ -306,6 +355,20 @@ def test_probe_standardisation():
             assert torch.allclose(cached(f), streamed(f), atol=1e-4)
 
 
+def test_fused_auto_falls_back_where_the_kernels_cannot_run(monkeypatch, capsys):
+    """--fused auto on a device the extension has no kernels for (moco_ext.unusable_reason gives the reason)
+    falls back to pure PyTorch with a one-line note; --fused on stops with that reason in one line."""
+    ext = moco.load_fused("on", torch.device("cpu"))  # builds it just in time if it is not installed
+    assert ext is not None and ext.unusable_reason(torch.device("cpu")) is None
+    capsys.readouterr()
+    monkeypatch.setattr(ext, "unusable_reason", lambda device: "moco_ext has CUDA kernels for sm_90 but this GPU is sm_80")
+    assert moco.load_fused("auto", torch.device("cpu")) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "sm_80" in out and "pure-PyTorch" in out, out
+    with pytest.raises(moco.UserError, match="sm_80"):
+        moco.load_fused("on", torch.device("cpu"))
+
+
 def test_official_checkpoint_loads_in_eval_linear(tmp_path):
     torch.manual_seed(0)
     model = moco.MoCo(partial(moco.build_encoder, "resnet18"), dim=128, K=256)
@@ -339,17 +402,70 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--data", "/no/such/folder"], "no such folder"),
     (["--moco-k", "16"], "smaller than the 32 keys"),
     (["--moco-k", "48", "--symmetric"], "x2 for --symmetric"),
-    (["--bn-splits", "5"], "not divisible by --bn-splits"),
+    (["--bn-splits", "5"], "cannot be split into --bn-splits 5"),
+    (["--bn-splits", "32"], "groups of 2 or more images"),  # groups of one image
+    (["--bn-splits", "0"], "--bn-splits 0 must be >= 1"),
     (["--preset", "v9"], "unknown --preset"),
     (["--fused", "maybe"], "--fused must be"),
     (["--arch", "vgg16"], "unknown --arch"),
     (["--device", "gpu"], "--device must be"),
     (["--resume", "/no/such/ckpt.pt"], "does not exist"),
-    (["--moco-t", "0"], "--moco-t > 0"),
 ])
 def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
     code, _, err = run_main(TINY + ["--out", str(tmp_path / "o")] + argv, capsys)
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--moco-m", "1.5"], "--moco-m 1.5 must be in [0, 1]"),
+    (["--moco-m", "-0.1"], "--moco-m -0.1 must be in [0, 1]"),
+    (["--moco-m", "nan"], "--moco-m nan must be in [0, 1]"),
+    (["--moco-k", "0"], "--moco-k 0 must be >= 1"),
+    (["--moco-t", "0"], "--moco-t 0.0 must be > 0"),
+    (["--moco-t", "-0.1"], "--moco-t -0.1 must be > 0"),
+    (["--moco-dim", "0"], "--moco-dim 0 must be >= 1"),
+    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--lr", "-0.03"], "--lr -0.03 must be > 0"),
+    (["--lr", "inf"], "--lr inf must be > 0"),
+    (["--batch-size", "1"], "--batch-size 1 must be >= 2"),
+    (["--batch-size", "0"], "--batch-size 0 must be >= 2"),
+    (["--epochs", "0"], "--epochs 0 must be >= 1"),
+    (["--momentum", "1"], "--momentum 1.0 must be in [0, 1)"),
+    (["--wd", "-0.5"], "--wd -0.5 must be >= 0"),
+    (["--crop-min", "0"], "--crop-min 0.0 must be in (0, 1]"),
+    (["--crop-min", "1.5"], "--crop-min 1.5 must be in (0, 1]"),
+    (["--image-size", "4"], "--image-size 4 must be >= 8"),
+    (["--workers", "-1"], "--workers -1 must be >= 0"),
+    (["--log-every", "0"], "--log-every 0 must be >= 1"),
+    (["--max-steps", "-1"], "must be >= 0"),
+    (["--knn-every", "-1"], "must be >= 0"),
+    (["--milestones", "120,x"], "--milestones '120,x' must be epochs"),
+    (["--aug", "v3"], "--aug must be v1, v2 or cifar"),
+    (["--schedule", "linear"], "--schedule must be step or cos"),
+    (["--bn", "group"], "--bn must be shuffle or sync"),
+    (["--stem", "tiny"], "--stem must be imagenet or cifar"),
+    (["--bn", "sync"], "--bn sync and --bn-splits > 1 exclude each other"),
+])
+def test_nonsense_hyperparameters_stop_before_any_work(argv, message, tmp_path, capsys):
+    """One line, exit 2, and nothing done: no output folder, no data read."""
+    out = tmp_path / "o"
+    code, stdout, err = run_main(TINY + ["--out", str(out)] + argv, capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists() and "data:" not in stdout
+
+
+def test_momentum_one_is_a_frozen_key_encoder(tmp_path, capsys):
+    """m = 1 is legal: after 1 and after 3 steps the key encoder's weights are the same (its initialisation)
+    while the query encoder's moved."""
+    states = []
+    for steps in (1, 3):
+        out = tmp_path / f"s{steps}"
+        code, _, err = run_main(TINY + ["--out", str(out), "--moco-m", "1", "--max-steps", str(steps)], capsys)
+        assert code == 0, err
+        states.append(torch.load(out / "ckpt.pt", weights_only=False)["model"])
+    weights = [k for k in states[0] if k.endswith("weight")]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in weights if k.startswith("encoder_k."))
+    assert not all(torch.equal(states[0][k], states[1][k]) for k in weights if k.startswith("encoder_q."))
 
 
 @pytest.mark.parametrize("sub", ["", "o"])

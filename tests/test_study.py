@@ -35,9 +35,14 @@ def test_study_runs_end_to_end(tmp_path):
     assert ("moco", "conv", "curve", 0.5) in got and ("dimL-jsd", "conv", "curve", 0.5) in got
     assert ("pixels", "pixels", "linear", 1.0) in got and ("pixels", "pixels", "curve", 1.0) in got
     assert all(0 <= r["top1"] <= 100 for r in rows) and len({r["seed"] for r in rows}) == 2
-    sup = [r["top1"] for r in rows if r["method"] == "supervised" and r["probe"] == "linear"]
-    rnd = [r["top1"] for r in rows if r["method"] == "random" and r["probe"] == "linear" and r["layer"] == "fc"]
-    assert min(sup) > 10 and min(rnd) > 10  # far above chance even on 1,200 images
+    # learning, judged against the same encoder at random initialisation (not against chance): the conv-layer
+    # kNN top-1 of the trained encoders (DIM, MoCo, supervised; both seeds) beats the random encoder's
+    # (measured 2026-12-01: 67.17 vs 64.38 on the 400 test images; linear probes at this budget do not separate)
+    knn_conv = lambda methods: [r["top1"] for r in rows if r["method"] in methods and r["layer"] == "conv"
+                                and r["probe"] == "knn"]
+    trained, rnd = knn_conv({"dimL-jsd", "moco", "supervised"}), knn_conv({"random"})
+    assert len(trained) == 6 and len(rnd) == 2
+    assert sum(trained) / 6 > sum(rnd) / 2, (trained, rnd)
     assert (out / "results.png").exists() or "no matplotlib" in p.stdout  # matplotlib is optional
     table = (out / "results.md").read_text()
     for label in ("DIM(L) JSD", "MoCo v2", "supervised", "random init", "raw pixels"):
