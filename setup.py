@@ -5,7 +5,8 @@
 The CPU kernels are always built. The CUDA kernels are built whenever a CUDA toolkit is
 found (CUDA_HOME / CUDA_PATH, else the toolkit of `nvcc` on PATH), even with no GPU
 visible; FORCE_CUDA=1 makes a missing toolkit an error, USE_CUDA=0 skips CUDA.
-With no GPU visible and no TORCH_CUDA_ARCH_LIST we default to "9.0" (H100/H200).
+Architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs, else "8.0;8.6;8.9;9.0+PTX"
+(moco_ext/_build.py, which also holds the compiler flags shared with the JIT build).
 """
 import os
 import shutil
@@ -33,7 +34,7 @@ def _load_build_helper():
     return mod
 
 
-pip_cuda_includes = _load_build_helper().pip_cuda_includes
+build = _load_build_helper()
 
 
 cuda_home = None if os.environ.get("USE_CUDA") == "0" else find_cuda_home()
@@ -48,24 +49,15 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 with_cuda = cuda_home is not None and torch.version.cuda is not None
 if os.environ.get("FORCE_CUDA") == "1" and not with_cuda:
     raise RuntimeError("FORCE_CUDA=1 but this torch has no CUDA support")
-if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    # torch 2.14 raises IndexError building CUDA code with no arch list and no GPU.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
-here = os.path.dirname(os.path.abspath(__file__))
 sources = ["csrc/infonce.cpp", "csrc/infonce_cpu.cpp"]
-cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]  # Py_LIMITED_API is set by torch
+flags = build.compile_flags(with_cuda, cuda_home)
 if with_cuda:
-    sources.append("csrc/infonce_cuda.cu")
-    sys_inc = [f for d in pip_cuda_includes(cuda_home) for f in ("-isystem", d)]
-    ext = CUDAExtension(
-        "moco_ext._C", sources, py_limited_api=True,
-        extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"] + sys_inc,
-                            "nvcc": ["-O3", "-lineinfo", "-DWITH_CUDA"] + sys_inc})
+    ext = CUDAExtension("moco_ext._C", sources + ["csrc/infonce_cuda.cu"], py_limited_api=True,
+                        extra_compile_args=flags)
 else:
-    ext = CppExtension("moco_ext._C", sources, py_limited_api=True,
-                       extra_compile_args={"cxx": cxx_flags})
-print(f"moco_ext: building CPU{' + CUDA (' + cuda_home + ', arch ' + os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto') + ')' if with_cuda else ' only'}")
+    ext = CppExtension("moco_ext._C", sources, py_limited_api=True, extra_compile_args={"cxx": flags["cxx"]})
+print(f"moco_ext: building CPU{f' + CUDA ({cuda_home}, arch {build.cuda_arch_list()})' if with_cuda else ' only'}")
 
 setup(
     name="moco_ext",

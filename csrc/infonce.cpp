@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "infonce.h"
 
@@ -124,6 +125,21 @@ static void enqueue_cpu(at::Tensor& queue, at::Tensor& ptr, const at::Tensor& ke
   ptr.fill_((p + N) % K);
 }
 
+// The CUDA code objects in this library, e.g. "sm_80,sm_90,compute_90" (compute_XY: PTX); empty without
+// CUDA kernels. moco_ext/_build.py passes the list; moco_ext.unusable_reason checks a GPU against it.
+#define MOCO_EXT_STR_(...) #__VA_ARGS__
+#define MOCO_EXT_STR(...) MOCO_EXT_STR_(__VA_ARGS__)
+static std::string cuda_archs() {
+#ifdef WITH_CUDA
+#ifndef MOCO_EXT_CUDA_ARCHS
+#error "WITH_CUDA needs MOCO_EXT_CUDA_ARCHS (moco_ext/_build.py: compile_flags)"
+#endif
+  return MOCO_EXT_STR(MOCO_EXT_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
 }  // namespace moco_ext
 
 TORCH_LIBRARY(moco_ext, m) {
@@ -132,6 +148,7 @@ TORCH_LIBRARY(moco_ext, m) {
   m.def("infonce_loss(Tensor q, Tensor k, Tensor queue, float T) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("enqueue(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+  m.def("cuda_archs() -> str", &moco_ext::cuda_archs);
 }
 
 TORCH_LIBRARY_IMPL(moco_ext, CPU, m) {

@@ -10,35 +10,32 @@ acc@1 = (n_beat == 0), acc@5 = (n_beat < 5). See csrc/README.md.
 
 Loading: the compiled moco_ext._C (pip install --no-build-isolation -e .), else, with
 MOCO_EXT_JIT=1, a ninja build of csrc/ on import (CUDA kernels included when a GPU is
-visible and a toolkit is found, or with FORCE_CUDA=1).
+visible and a toolkit is found, or with FORCE_CUDA=1). moco_ext.unusable_reason(device) says
+whether the kernels can run on a device (None) or why not (a one-line reason).
 """
 import os
 
 import torch
 
-from ._build import pip_cuda_includes
+from ._build import compile_flags
 
 
 def _jit_build():
+    """csrc/ compiled with ninja into torch's extension cache (TORCH_EXTENSIONS_DIR, default
+    ~/.cache/torch_extensions) with setup.py's flags; later imports reuse it until a source or flag changes."""
     from torch.utils import cpp_extension
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     csrc = os.path.join(root, "csrc")
     sources = [os.path.join(csrc, f) for f in ("infonce.cpp", "infonce_cpu.cpp")]
-    cflags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]
-    cuda_flags = ["-O3", "-lineinfo"]
     with_cuda = (cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
                  and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"))
     if with_cuda:
-        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # torch fails with no GPU and no list
         sources.append(os.path.join(csrc, "infonce_cuda.cu"))
-        inc = [f for d in pip_cuda_includes(cpp_extension.CUDA_HOME) for f in ("-isystem", d)]
-        cflags += ["-DWITH_CUDA"] + inc
-        cuda_flags += ["-DWITH_CUDA"] + inc
+    flags = compile_flags(with_cuda, cpp_extension.CUDA_HOME)
     cpp_extension.load(
         name="moco_ext_jit" + ("_cuda" if with_cuda else ""), sources=sources,
-        is_python_module=False, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
+        is_python_module=False, extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"],
         verbose=os.environ.get("MOCO_EXT_VERBOSE") == "1")
 
 
@@ -52,6 +49,6 @@ except ImportError as _err:
             "or set MOCO_EXT_JIT=1 to compile it on import") from _err
     _jit_build()
 
-from .ops import HAS_CUDA, enqueue_, infonce_logits, infonce_loss  # noqa: E402
+from .ops import CUDA_ARCHS, HAS_CUDA, enqueue_, infonce_logits, infonce_loss, unusable_reason  # noqa: E402
 
-__all__ = ["infonce_logits", "infonce_loss", "enqueue_", "HAS_CUDA"]
+__all__ = ["infonce_logits", "infonce_loss", "enqueue_", "unusable_reason", "HAS_CUDA", "CUDA_ARCHS"]

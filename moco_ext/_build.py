@@ -1,5 +1,56 @@
-"""Build helper shared by setup.py (loaded by path, before the package is built) and the JIT build."""
+"""Build settings shared by setup.py (loaded by path, before the package is built) and the JIT build
+(moco_ext/__init__.py): one set of compiler flags, one CUDA architecture list."""
 import os
+import re
+
+# With no GPU visible and no TORCH_CUDA_ARCH_LIST: binaries for A100 (8.0), RTX 30xx/A10/A40 (8.6),
+# RTX 40xx/L4/L40 (8.9) and H100/H200 (9.0), plus 9.0 PTX, which the driver compiles at the first launch
+# on newer GPUs (Blackwell). The kernels need sm_80 (bf16 tensor cores); nvcc 13 has nothing below 7.5.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+CXX_FLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]  # Py_LIMITED_API: set by torch
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs, +PTX on the newest (as torch does); else DEFAULT."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env and env != "native":
+        return env
+    import torch
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{a}.{b}" for a, b in caps) + "+PTX" if caps else DEFAULT_CUDA_ARCHS
+
+
+def cuda_codes(arch_list):
+    """"8.0;9.0+PTX" -> ["sm_80", "sm_90", "compute_90"]: the code objects nvcc puts in the library."""
+    codes = []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
+        if m is None:
+            raise ValueError(f"moco_ext: TORCH_CUDA_ARCH_LIST entry {entry!r} is not like 8.6, 9.0a or 9.0+PTX")
+        arch = m.group(1) + m.group(2) + m.group(3)
+        codes += [f"sm_{arch}"] + ([f"compute_{arch}"] if m.group(4) else [])
+    if not codes:
+        raise ValueError(f"moco_ext: empty CUDA architecture list {arch_list!r}")
+    return codes
+
+
+def compile_flags(with_cuda, cuda_home=None, arch_list=None):
+    """{"cxx": [...], "nvcc": [...]} for both builds. With CUDA: WITH_CUDA, the -gencode flags (torch adds
+    none of its own then) and MOCO_EXT_CUDA_ARCHS, the code objects, which the library reports
+    (torch.ops.moco_ext.cuda_archs(), read by moco_ext.unusable_reason)."""
+    if not with_cuda:
+        return {"cxx": list(CXX_FLAGS), "nvcc": []}
+    codes = cuda_codes(arch_list or cuda_arch_list())
+    gencode = [f"-gencode=arch=compute_{c[3:]},code={c}" for c in codes if c.startswith("sm_")]
+    gencode += [f"-gencode=arch={c},code={c}" for c in codes if c.startswith("compute_")]
+    inc = [f for d in pip_cuda_includes(cuda_home) for f in ("-isystem", d)]
+    archs = "-DMOCO_EXT_CUDA_ARCHS=" + ",".join(codes)  # for infonce.cpp only: nvcc splits -D values at commas
+    return {"cxx": CXX_FLAGS + ["-DWITH_CUDA", archs] + inc,
+            "nvcc": NVCC_FLAGS + gencode + ["-DWITH_CUDA"] + inc}
 
 
 def pip_cuda_includes(cuda_home):

@@ -3,27 +3,55 @@
 The oracle is the official InfoNCE in float64: logits = cat(q.k, q @ queue) / T, cross-entropy
 with label 0, gradients from autograd. Errors are ||out - ref|| / ||ref||; the reference is
 computed from the same (rounded) inputs as the op. CPU runs always; the CUDA copies are skipped
-when no GPU is visible. If the extension is not built this module fails, unless
-MOCO_EXT_OPTIONAL=1; with MOCO_EXT_EXPECT_CUDA=1 the CUDA kernels must be compiled in.
+when no GPU is visible or the library has no CUDA kernels (unless MOCO_EXT_EXPECT_CUDA=1). If the
+extension is not built (a fresh clone), the session builds it just in time with ninja (moco_ext's
+MOCO_EXT_JIT path, into torch's extension cache, which the next session reuses); it skips only where
+there is no C++ compiler. With MOCO_EXT_EXPECT_CUDA=1 the CUDA kernels must be compiled in.
 """
 import copy
 import functools
 import os
 import random
+import re
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    import moco_ext
-except ImportError as e:
-    if os.environ.get("MOCO_EXT_OPTIONAL") == "1":
-        pytest.skip(f"moco_ext is not built: {e}", allow_module_level=True)
-    raise
+
+def import_moco_ext():
+    """moco_ext as built by setup.py, else compiled now with ninja (CPU kernels; CUDA too where a GPU and a
+    toolkit are found). MOCO_EXT_JIT is set only for this import: subprocesses see the user's environment."""
+    try:
+        import moco_ext
+        return moco_ext
+    except ImportError:
+        pass
+    cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension calls
+    if shutil.which(cxx) is None:
+        pytest.skip(f"moco_ext is not built and there is no C++ compiler ({cxx!r} not on PATH) to build it "
+                    "just in time", allow_module_level=True)
+    old = os.environ.get("MOCO_EXT_JIT")
+    os.environ["MOCO_EXT_JIT"] = "1"
+    try:
+        import moco_ext
+        return moco_ext
+    finally:
+        if old is None:
+            del os.environ["MOCO_EXT_JIT"]
+        else:
+            os.environ["MOCO_EXT_JIT"] = old
+
+
+moco_ext = import_moco_ext()
 
 ops = torch.ops.moco_ext
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible")
+# A GPU with a CPU-only build (no CUDA toolkit found) skips too, unless the CUDA kernels are expected.
+NO_CUDA = ("no GPU visible" if not torch.cuda.is_available() else
+           "moco_ext was built without CUDA kernels" if not moco_ext.HAS_CUDA
+           and os.environ.get("MOCO_EXT_EXPECT_CUDA") != "1" else None)
+cuda = pytest.mark.skipif(NO_CUDA is not None, reason=str(NO_CUDA))
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 # (device, dtype, allow_tf32): every precision path each backend has.
 PRECISIONS = [
@@ -307,6 +335,99 @@ def test_cuda_no_host_sync():
 @pytest.mark.skipif(os.environ.get("MOCO_EXT_EXPECT_CUDA") != "1", reason="MOCO_EXT_EXPECT_CUDA unset")
 def test_cuda_kernels_compiled():
     assert moco_ext.HAS_CUDA, "MOCO_EXT_EXPECT_CUDA=1 but moco_ext was built without CUDA kernels"
+    from moco_ext import _build
+    assert moco_ext.CUDA_ARCHS.split(",") == _build.cuda_codes(_build.cuda_arch_list())  # as built, same env
+
+
+# ---------------------------------------------------------------------------------------------
+# unusable_reason: which GPUs the compiled kernels run on (moco.py --fused auto falls back if none)
+# ---------------------------------------------------------------------------------------------
+def test_cuda_archs_recorded():
+    """The library reports its code objects: none without CUDA kernels, else nvcc's code=... names."""
+    if not moco_ext.HAS_CUDA:
+        assert moco_ext.CUDA_ARCHS == ""
+    else:
+        codes = moco_ext.CUDA_ARCHS.split(",")
+        assert all(re.fullmatch(r"(sm|compute)_\d\d+[af]?", c) for c in codes), codes
+
+
+def test_unusable_reason_cpu():
+    assert moco_ext.unusable_reason("cpu") is None
+    assert moco_ext.unusable_reason(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("arch_list,cap,runs", [
+    ("8.0;8.6;8.9;9.0+PTX", (8, 0), True), ("8.0;8.6;8.9;9.0+PTX", (8, 7), True),  # sm_86 binary on 8.7
+    ("8.0;8.6;8.9;9.0+PTX", (9, 0), True), ("8.0;8.6;8.9;9.0+PTX", (10, 0), True),  # 9.0 PTX on Blackwell
+    ("8.0;8.6;8.9;9.0+PTX", (12, 0), True), ("8.0;8.6;8.9;9.0+PTX", (7, 5), False),
+    ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False), ("9.0", (9, 1), True),
+    ("8.0", (8, 9), True), ("8.6", (8, 0), False), ("8.0+PTX", (9, 0), True), ("9.0+PTX", (8, 9), False),
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("10.0a", (10, 3), False), ("10.0", (10, 3), True),
+    ("10.0;12.0", (12, 1), True), ("10.0", (11, 0), False),
+])
+def test_unusable_reason_arch(monkeypatch, arch_list, cap, runs):
+    from moco_ext import _build
+    launched = []
+    monkeypatch.setattr(moco_ext.ops, "HAS_CUDA", True)
+    monkeypatch.setattr(moco_ext.ops, "CUDA_ARCHS", ",".join(_build.cuda_codes(arch_list)))
+    monkeypatch.setattr(moco_ext.ops, "_trial_launch", launched.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    reason = moco_ext.unusable_reason("cuda:0")
+    assert (reason is None) == runs, reason
+    assert len(launched) == runs  # the trial launch only where the code objects fit
+    if not runs:
+        assert reason.endswith(f"but this GPU (Test GPU) is sm_{cap[0]}{cap[1]}") and "sm_" in reason
+
+
+def test_unusable_reason_message(monkeypatch):
+    from moco_ext import _build
+    assert _build.cuda_codes(_build.DEFAULT_CUDA_ARCHS) == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
+    monkeypatch.setattr(moco_ext.ops, "HAS_CUDA", True)
+    monkeypatch.setattr(moco_ext.ops, "CUDA_ARCHS", "sm_90,compute_90")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert moco_ext.unusable_reason("cuda") == (
+        "moco_ext has CUDA kernels for sm_90 (+PTX 9.0) but this GPU (NVIDIA A100) is sm_80")
+    monkeypatch.setattr(moco_ext.ops, "HAS_CUDA", False)
+    assert moco_ext.unusable_reason("cuda") == "moco_ext was built without CUDA kernels"
+    assert "no kernels for mps" in moco_ext.unusable_reason("mps")
+
+
+def test_unusable_reason_trial_launch_fails(monkeypatch):
+    def fail(device):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+    monkeypatch.setattr(moco_ext.ops, "HAS_CUDA", True)
+    monkeypatch.setattr(moco_ext.ops, "CUDA_ARCHS", "sm_90")
+    monkeypatch.setattr(moco_ext.ops, "_trial_launch", fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert moco_ext.unusable_reason("cuda") == (
+        "moco_ext's CUDA kernels failed a trial run on sm_90: CUDA error: no kernel image is available "
+        "for execution on the device")
+
+
+def test_arch_list_parsing(monkeypatch):
+    from moco_ext import _build
+    assert _build.cuda_codes("8.0 9.0a;10.0+PTX") == ["sm_80", "sm_90a", "sm_100", "compute_100"]
+    with pytest.raises(ValueError, match="not like"):
+        _build.cuda_codes("Ampere")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert _build.cuda_arch_list() == "8.6"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _build.cuda_arch_list() == _build.DEFAULT_CUDA_ARCHS
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0)][i])
+    assert _build.cuda_arch_list() == "8.0;9.0+PTX"
+    flags = _build.compile_flags(True, None, "8.0;9.0+PTX")
+    assert [f for f in flags["nvcc"] if f.startswith("-gencode")] == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    assert "-DMOCO_EXT_CUDA_ARCHS=sm_80,sm_90,compute_90" in flags["cxx"]
+    assert not any("," in f for f in flags["nvcc"] if f.startswith("-D"))  # nvcc would split it into defines
 
 
 # ---------------------------------------------------------------------------------------------
