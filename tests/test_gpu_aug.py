@@ -250,15 +250,18 @@ TINY = ["--batch-size", "32", "--moco-k", "64", "--bn-splits", "1", "--workers",
 
 
 def test_script_with_gpu_aug_runs_and_resumes_exactly(tmp_path, capsys):
-    """python moco.py --gpu-aug on on the CPU; 4 steps straight == 2 steps, stop, resume to 4."""
+    """python moco.py --gpu-aug on on the CPU; 4 steps straight == 2 steps, stop, resume to 4. --fused off in
+    all three: the subprocess and this process must take the same loss path (on a fresh clone the extension is
+    importable here, built by tests/test_ext.py, but not in the subprocess)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the thread count of this process (one_thread): the same sums
-    r = subprocess.run([sys.executable, "moco.py", "--out", a, "--max-steps", "4"] + TINY,
+    flags = TINY + ["--fused", "off"]
+    r = subprocess.run([sys.executable, "moco.py", "--out", a, "--max-steps", "4"] + flags,
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "uint8 on cpu, augmented there in batches" in r.stdout and "done: 4 steps" in r.stdout
-    moco.main(TINY + ["--out", b, "--max-steps", "2"])
-    moco.main(TINY + ["--out", b, "--max-steps", "4", "--resume", "auto"])
+    moco.main(flags + ["--out", b, "--max-steps", "2"])
+    moco.main(flags + ["--out", b, "--max-steps", "4", "--resume", "auto"])
     assert "resumed" in capsys.readouterr().out
     ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
     cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
