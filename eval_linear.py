@@ -125,12 +125,12 @@ def check_flags(args, world):
 
 
 def label_subset(labels, args):
-    """A class-balanced subset of positions 0..len(labels)-1, drawn by args.seed: per class c with n_c images,
-    round(F * n_c) (at least 1) for --label-fraction F, or min(N, n_c) for --labels-per-class N."""
+    """A class-balanced subset of the labelled positions (label >= 0) of 0..len(labels)-1, drawn by args.seed: per
+    class c with n_c images, round(F * n_c) (at least 1) for --label-fraction F, or min(N, n_c) for N per class."""
     y = torch.as_tensor(labels)                                            # (N,)
     g = torch.Generator().manual_seed(args.seed)
     pick = []
-    for c in y.unique().tolist():                                          # ascending: the same draws on every run
+    for c in y[y >= 0].unique().tolist():                                  # ascending: the same draws on every run
         idx = (y == c).nonzero().flatten()                                 # (n_c,)
         k = (min(args.labels_per_class, len(idx)) if args.labels_per_class is not None
              else max(1, round(args.label_fraction * len(idx))))
@@ -252,8 +252,9 @@ def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=prin
             step_head = head
     if backbone is not None:
         step_head = nn.Sequential(backbone, nn.Flatten(1), head)
-    if ddp:  # a dim.py tap leaves the encoder's later layers without gradients: find_unused_parameters
-        step_head = nn.parallel.DistributedDataParallel(step_head, find_unused_parameters=backbone is not None)
+    if ddp:  # a dim.py tap below y (dim.Tap.layer) leaves the encoder's later stages without gradients
+        unused = backbone is not None and getattr(backbone, "layer", "y") != "y"
+        step_head = nn.parallel.DistributedDataParallel(step_head, find_unused_parameters=unused)
     milestones = [int(m) for m in args.milestones.split(",") if m]
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
@@ -307,11 +308,9 @@ def evaluate(args, argv_out=print):
     hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
     labelled_set = moco.labelled(train_set, "the training split", hint)
     test_set = moco.labelled(test_set, "the test split", hint)
-    label_idx = None
+    label_idx = None  # positions in the training split as loaded (unlabelled images included)
     if args.label_fraction is not None or args.labels_per_class is not None:
-        pos = label_subset(labelled_set.labels, args)  # positions among the labelled images
-        base = labelled_set.idx if isinstance(labelled_set, moco.Subset) else range(len(labelled_set))
-        label_idx = [int(base[i]) for i in pos]  # positions in the training split as loaded
+        label_idx = label_subset(train_set.labels, args)
         labelled_set = moco.Subset(train_set, label_idx)
     train_set = labelled_set
     size = args.image_size or ck.get("image_size", 224)
