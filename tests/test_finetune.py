@@ -161,7 +161,8 @@ def test_finetune_under_torchrun(ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
                         str(script), "--pretrained", ckpt, "--out", str(tmp_path / "two.json"), *QUICK,
                         "--finetune", "--labels-per-class", "20"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.load(open(tmp_path / "two.json"))
     assert two["finetune"] and two["n_train"] == 60 and "sanity check passed" in r.stdout
