@@ -87,7 +87,8 @@ class Args:
     crop_min: float = arg(0.2, "smallest RandomResizedCrop scale")
     image_size: int = arg(224, "crop size")
     gpu_aug: str = arg("auto", "auto|on|off: in-memory data (built-in, CIFAR, MNIST, STL-10) as uint8 on the device, "
-                               "augmented there in batches; auto = on CUDA only, on = also on the CPU")
+                               "augmented there in batches (gpu_aug.py); auto = on a GPU, and on the CPU for "
+                               "images of at most 64 px")
 
 
 # The official ImageNet code has no kNN monitor. Ours encodes 1.33M images (train + val) per pass: measured
@@ -113,129 +114,389 @@ PRESETS = {
 }
 
 
-# --- shared: utilities ---
-class UserError(Exception):
-    """An error the user can fix; main() prints it as one line."""
+# ----------------------------------------------------------------------------------------------------
+# 2. The algorithm core: InfoNCE against the queue, and the MoCo model (facebookresearch/moco builder.py)
+# ----------------------------------------------------------------------------------------------------
+def infonce_logits(q, k, queue, T):
+    """He et al. 2020 (arXiv 1911.05722v3), Eq. (1): logits [N, 1+K] of q against k+ (first) and the queue."""
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+    l_neg = torch.einsum("nc,ck->nk", q, queue)  # (N, K)
+    return torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
 
 
-def setup_device(args):
-    """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world, local = 0, 1, 0
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(args.seed + rank)
-    return device, rank, world
+def infonce_loss(q, k, queue, T):
+    """-> per-row loss L_q = -log softmax(logits)[0] (N,) and n_beat (N,): queue logits above the positive."""
+    logits = infonce_logits(q, k, queue, T)  # (N, 1+K)
+    loss = F.cross_entropy(logits, logits.new_zeros(len(q), dtype=torch.long), reduction="none")  # (N,)
+    return loss, (logits[:, 1:] > logits[:, :1]).sum(1)  # (N,), (N,)
 
 
-def world_info():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+def at_least_fp32(x):
+    """Half-precision outputs (autocast) -> float32; float32 and float64 stay as they are, so a float64 model
+    computes in float64 (how this code is checked against the official builder step by step)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, algo):
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
-        found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
-    return ckpt
-
-
-def rng_states(device):
-    """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
-    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+@torch.no_grad()
+def concat_all_gather(x):
+    """all_gather + cat (no gradient), the identity on one process."""
     rank, world = world_info()
     if world == 1:
-        return [mine]
-    states = [None] * world
-    dist.all_gather_object(states, mine)
-    return states
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
-def set_rng_state(states, device):
-    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
-    rank, world = world_info()
-    states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
-    if len(states) != world:
-        return False
-    torch.set_rng_state(states[rank]["torch"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
+class MoCo(nn.Module):
+    """The official builder's model: same constructor, state-dict keys and forward, plus keyword options
+    (symmetric loss, fused op) whose defaults keep the official behaviour, and training_loss() for the step."""
 
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False, fused=None):
+        super().__init__()
+        self.K, self.m, self.T, self.symmetric, self.fused = K, m, T, symmetric, fused
+        self.encoder_q, self.encoder_k = base_encoder(num_classes=dim), base_encoder(num_classes=dim)
+        if mlp:  # v2: fc -> Linear(d, d) + ReLU + fc (no BN), the official keys fc.0 / fc.2
+            d = self.encoder_q.fc.weight.shape[1]
+            self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_k.fc)
+        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            pk.data.copy_(pq.data)  # theta_k starts as theta_q, and gets no gradient
+            pk.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (C, K)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # on one process, a permutation only matters when BN statistics are taken over groups of the batch
+        self.split_bn = any(getattr(mod, "num_splits", 1) > 1 for mod in self.encoder_k.modules())
 
-class Logger:
-    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        # Eq. (2): theta_k <- m * theta_k + (1 - m) * theta_q (parameters only; BN buffers are the key
+        # encoder's own, official behaviour, facebookresearch/moco#70)
+        pk = [p.data for p in self.encoder_k.parameters()]
+        torch._foreach_mul_(pk, self.m)
+        torch._foreach_add_(pk, [p.data for p in self.encoder_q.parameters()], alpha=1.0 - self.m)
 
-    def __init__(self, out, enabled):
-        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
+    @torch.no_grad()
+    def _batch_shuffle(self, x):
+        """Shuffle-BN (Sec. 3.3): gather the key images of all ranks, permute them with one permutation
+        broadcast from rank 0, hand each rank its slice. Skipped on one process without split BN, where a
+        permutation of the batch changes no statistic."""
+        rank, world = world_info()
+        if world == 1 and not self.split_bn:
+            return x, None
+        x_all = concat_all_gather(x)  # (world*N, ...)
+        idx = torch.randperm(x_all.shape[0], device=x.device)  # (world*N,)
+        if world > 1:
+            dist.broadcast(idx, src=0)
+        n = x.shape[0]
+        return x_all[idx[rank * n:(rank + 1) * n]], torch.argsort(idx)
 
-    def __call__(self, text, **metrics):
-        if self.enabled:
-            print(text, flush=True)
-            if metrics:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+    @torch.no_grad()
+    def _batch_unshuffle(self, x, idx_unshuffle):
+        if idx_unshuffle is None:
+            return x
+        rank, n = world_info()[0], x.shape[0]
+        return concat_all_gather(x)[idx_unshuffle[rank * n:(rank + 1) * n]]
 
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        keys = concat_all_gather(keys)  # (B_global, C)
+        if self.fused is not None:
+            return self.fused.enqueue_(self.queue, self.queue_ptr, keys.to(self.queue.dtype))
+        # NOTE(deviation): wrap-around write, so any K >= batch works (official: assert K % batch == 0).
+        # The pointer stays on the device: no host sync.
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
+        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+    def _query_and_key(self, im_q, im_k):
+        """-> q (N, C) and the momentum encoder's k (N, C), both L2-normalised and at least fp32 under autocast."""
+        q = F.normalize(at_least_fp32(self.encoder_q(im_q)), dim=1)  # (N, C)
+        with torch.no_grad():
+            im_k, idx_unshuffle = self._batch_shuffle(im_k)
+            k = F.normalize(at_least_fp32(self.encoder_k(im_k)), dim=1)  # (N, C)
+            return q, self._batch_unshuffle(k, idx_unshuffle)
 
+    def forward(self, im_q, im_k):
+        """Official: -> (logits [N, 1+K], labels [N] of zeros); the keys are enqueued before it returns, so the
+        logits read a copy of the queue."""
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+        q, k = self._query_and_key(im_q, im_k)  # (N, C) each
+        with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
+            logits = infonce_logits(q, k, self.queue.clone().detach(), self.T)  # (N, 1+K)
+        self._dequeue_and_enqueue(k)
+        return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
-def make_out(path):
-    """The output folder, made if missing; a path that cannot be one (a file, no permission) is a one-line error."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot make the output folder ({e.strerror or e})") from None
+    def training_loss(self, im_q, im_k):
+        """The training step's loss: -> (mean L_q, top-1 and top-5 accuracy of the (K+1)-way task, keys (N', C)).
+        The same values as forward() + cross-entropy (and the notebook's symmetric loss if so built), with the
+        fused op if given, but the loss reads the queue itself, not a copy: the caller enqueues the returned keys
+        with enqueue() after the backward pass."""
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+        pairs = [(im_q, im_k), (im_k, im_q)] if self.symmetric else [(im_q, im_k)]
+        losses, beats, keys = [], [], []
+        for a, b in pairs:
+            q, k = self._query_and_key(a, b)  # (N, C) each
+            with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
+                if self.fused is not None:  # no (N, 1+K) logits in memory
+                    loss, n_beat = self.fused.infonce_loss(q, k, self.queue, self.T)[:2]
+                else:
+                    loss, n_beat = infonce_loss(q, k, self.queue.detach(), self.T)
+            losses.append(loss.mean())
+            beats.append(n_beat)
+            keys.append(k)
+        n_beat = torch.cat(beats)
+        # symmetric: enqueue [k1, k2] as the notebook does
+        return sum(losses), (n_beat == 0).float().mean() * 100, (n_beat < 5).float().mean() * 100, torch.cat(keys[::-1])
 
-
-def parse_args(argv=None):
-    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
-    given = vars(p.parse_args(argv))
-    preset = given.get("preset", Args.preset)
-    if preset not in PRESETS:
-        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return Args(**{**PRESETS[preset], **given}), given
-# --- end shared: utilities ---
+    def enqueue(self, keys):
+        """Algorithm 1's enqueue(queue, k) + dequeue(queue), after the backward pass of training_loss()."""
+        self._dequeue_and_enqueue(keys)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Data
+# 3. Encoders: ResNets with split batch norm (the CIFAR notebook), and DIM's 32x32 encoder
+# ----------------------------------------------------------------------------------------------------
+class SplitBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training statistics are computed separately over `num_splits` groups of the batch
+    (the CIFAR notebook's SplitBatchNorm): one device behaves like num_splits GPUs for shuffle-BN. Group s is
+    the contiguous slice s*N/S .. (s+1)*N/S - 1, the slice rank s holds under torchrun, so 1 process with S
+    splits and S processes train the same model. NOTE(deviation): the notebook interleaves (sample n*S+s in
+    group s); on a randomly ordered batch both give the same distribution of groups.
+    Works for [N, C] and [N, C, H, W]; running statistics are the average over the groups."""
+
+    def __init__(self, num_features, num_splits=1, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x):
+        S, N = self.num_splits, x.shape[0]
+        if not self.training or S == 1:
+            return super().forward(x)
+        if N % S or N // S < 2:
+            raise UserError(f"batch of {N} cannot be split into {S} batch-norm groups of 2 or more images")
+        xs = x.unflatten(0, (S, N // S))  # (S, N/S, C, ...), a view in any memory format
+        dims = [1] + list(range(3, xs.dim()))  # all but the group and the channel
+        var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)  # (S, 1, C, 1, ...) each
+        shape = [1, 1, -1] + [1] * (xs.dim() - 3)
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)  # (S, 1, C, 1, ...)
+        y = (xs - mean) * scale + self.bias.view(shape)  # (S, N/S, C, ...)
+        with torch.no_grad():  # running statistics: the average over the groups (unbiased variance, as BN)
+            n = xs[0].numel() // xs.shape[2]  # values per channel in one group
+            self.running_mean.lerp_(mean.reshape(S, -1).mean(0), self.momentum)
+            self.running_var.lerp_(var.reshape(S, -1).mean(0) * (n / (n - 1)), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return y.flatten(0, 1)  # (N, C, ...)
+
+
+class Basic32(nn.Module):
+    """DIM's 32x32 encoder (Hjelm et al. 2019, rdevon/DIM configs/convnets.py basic32x32): three 4x4/2 convs
+    64-128-256 with BN+ReLU, FC 1024 with BN+ReLU, then `fc` (the head, as in torchvision ResNets)."""
+
+    def __init__(self, num_classes=128, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        norm1d = nn.BatchNorm1d if norm_layer is nn.BatchNorm2d else norm_layer  # SplitBatchNorm takes 2D too
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 4, 2, 1, bias=False), norm_layer(o), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*block(3, 64), *block(64, 128), *block(128, 256), nn.AdaptiveAvgPool2d(4),
+                                      nn.Flatten(), nn.Linear(256 * 16, 1024, bias=False), norm1d(1024),
+                                      nn.ReLU(inplace=True))
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))  # (N, num_classes)
+
+
+def build_encoder(arch, stem="imagenet", bn_splits=1, sync=False, num_classes=128):
+    """base_encoder(num_classes) as in the official builder, with the notebook's CIFAR stem and split BN."""
+    norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    if arch == "basic32":
+        net = Basic32(num_classes, norm_layer=norm)
+    elif arch.startswith("resnet") or arch.startswith("wide_resnet") or arch.startswith("resnext"):
+        if not hasattr(torchvision.models, arch):
+            raise UserError(f"unknown --arch {arch!r}")
+        net = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm)
+        if stem == "cifar":  # the notebook: 3x3 stride-1 first conv and no max-pool
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+    else:
+        raise UserError(f"unknown --arch {arch!r}: basic32 or a torchvision ResNet name")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Training (the plumbing it shares with dim.py is class Run, in the appendix)
+# ----------------------------------------------------------------------------------------------------
+class TrainingLoss(nn.Module):
+    """DDP synchronises gradients through a module's forward: this one's forward is MoCo.training_loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, im_q, im_k):
+        return self.model.training_loss(im_q, im_k)
+
+
+def train_step(net, model, opt, scaler, views, amp_dtype):
+    """One SGD step of Algorithm 1 on the two views (B, 3, S, S) -> (loss, acc1, acc5), detached."""
+    im_q, im_k = views
+    with torch.autocast(im_q.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, acc1, acc5, keys = net(im_q, im_k)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    model.enqueue(keys)  # after the backward pass, which read the queue as it was during the forward
+    return torch.stack([loss.detach(), acc1, acc5])
+
+
+def train(argv=None):
+    run = Run(argv, "moco")
+    args, device, world = run.args, run.device, run.world
+    run.data()
+    fused = load_fused(args.fused, device)
+    # --bn-splits counts the groups of the global batch (the official run: 8 GPUs); each rank holds its share
+    base = partial(build_encoder, args.arch, args.stem, args.bn_splits // world, args.bn == "sync" and world > 1)
+    model = MoCo(base, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric, fused)
+    model = model.to(device, memory_format=run.fmt)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                          momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
+    state = {"model": model, "optimizer": opt, "scaler": scaler}  # what ckpt.pt holds, beside epoch, step, rng, args
+    start = run.restore(state)  # (epoch, step in it, step): zeros for a fresh run
+    if args.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    net = TrainingLoss(model)
+    if world > 1:  # rank 0's initial queue on every rank; identical from then on by construction, so DDP must
+        dist.broadcast(model.queue, 0)  # not re-broadcast it (33.5 MB at K = 65536) at every forward
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            net, ["model.queue", "model.queue_ptr"])
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    run.fit(lambda views: train_step(net, model, opt, scaler, views, run.amp_dtype), state, start,
+            {"loss": ".4f", "acc1": ".1f", "acc5": ".1f"}, lambda epoch: adjust_lr(opt, epoch, args),
+            model.encoder_q)  # the kNN monitor reads encoder_q's (normalised) output, as the notebook
+    return model
+
+
+def resolve(args):
+    """moco.py has no automatic values to fill in (dim.py's image size and augmentation have)."""
+    return args
+
+
+def batch_prepare(gpu_aug, args, stats, device):
+    """The --gpu-aug twin of transforms(): gpu_aug.BatchAugment, two views per image."""
+    return gpu_aug.moco_augment(args.aug, args.image_size, args.crop_min, MEAN_STD[stats],
+                                channels_last=device.type == "cuda"), 2
+
+
+def load_fused(mode, device):
+    """The moco_ext extension (csrc/), or None for the pure-PyTorch path."""
+    if mode == "off":
+        return None
+    if mode == "on":
+        os.environ.setdefault("MOCO_EXT_JIT", "1")  # build it with ninja if it is not installed
+    elif mode != "auto":
+        raise UserError(f"--fused must be auto, on or off, not {mode!r}")
+    try:
+        import moco_ext
+        reason = moco_ext.unusable_reason(device)  # no CUDA kernels, or none for this GPU's architecture
+        if reason:
+            raise ImportError(reason)
+        return moco_ext
+    except Exception as e:
+        if mode == "on":
+            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]}")
+        print(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
+        return None
+
+
+def adjust_lr(opt, epoch, args):
+    """main_moco.py: set once per epoch; cosine or x0.1 at each milestone."""
+    if args.schedule == "cos":
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.lr * 0.1 ** sum(epoch >= int(m) for m in args.milestones.split(",") if m)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def check_hparams(args):
+    """Values that make no sense stop here, before any work, in one line (exit 2)."""
+    for bad, msg in [
+        (args.aug not in ("v1", "v2", "cifar"), f"--aug must be v1, v2 or cifar, not {args.aug!r}"),
+        (args.schedule not in ("step", "cos"), f"--schedule must be step or cos, not {args.schedule!r}"),
+        (args.bn not in ("shuffle", "sync"), f"--bn must be shuffle or sync, not {args.bn!r}"),
+        (args.stem not in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, not {args.stem!r}"),
+        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
+        (not 0 <= args.moco_m <= 1, f"--moco-m {args.moco_m} must be in [0, 1] (1 = a frozen key encoder)"),
+        (args.moco_k < 1, f"--moco-k {args.moco_k} must be >= 1"),
+        (not 0 < args.moco_t < math.inf, f"--moco-t {args.moco_t} must be > 0"),
+        (args.moco_dim < 1, f"--moco-dim {args.moco_dim} must be >= 1"),
+        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
+        (args.batch_size < 2, f"--batch-size {args.batch_size} must be >= 2"),
+        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
+        (not 0 <= args.momentum < 1, f"--momentum {args.momentum} must be in [0, 1)"),
+        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
+        (not 0 < args.crop_min <= 1, f"--crop-min {args.crop_min} must be in (0, 1]"),
+        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8"),
+        (args.bn_splits < 1, f"--bn-splits {args.bn_splits} must be >= 1"),
+        (args.bn == "sync" and args.bn_splits > 1, "--bn sync and --bn-splits > 1 exclude each other"),
+        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
+        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
+        (min(args.max_steps, args.save_every, args.knn_every) < 0,
+         "--max-steps, --save-every and --knn-every must be >= 0"),
+        (not all(m.strip().isdigit() for m in args.milestones.split(",") if m.strip()),
+         f"--milestones {args.milestones!r} must be epochs separated by commas, e.g. 120,160"),
+    ]:
+        if bad:
+            raise UserError(msg)
+
+
+def check_args(args, world):
+    """The checks that need the number of processes."""
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    if args.moco_k < keys_per_step:
+        raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued per "
+                        f"step (global batch {args.batch_size}{', x2 for --symmetric' if args.symmetric else ''})")
+    if args.bn_splits % world:
+        raise UserError(f"--bn-splits {args.bn_splits} (batch-norm groups of the global batch) is not a multiple "
+                        f"of the {world} processes; e.g. --bn-splits {world}")
+    if args.batch_size % args.bn_splits or args.batch_size // args.bn_splits < 2:
+        raise UserError(f"--batch-size {args.batch_size} cannot be split into --bn-splits {args.bn_splits} "
+                        "batch-norm groups of 2 or more images")
+
+
+# --- shared: main ---
+def main(argv=None):
+    try:
+        train(argv)
+    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
+        msg = str(e).strip().splitlines()[-1]
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+# --- end shared: main ---
+
+
+# ----------------------------------------------------------------------------------------------------
+# Appendix A. Data and augmentation (the plain path; gpu_aug.py holds the batched twin of transforms())
 # ----------------------------------------------------------------------------------------------------
 # --- shared: data ---
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -476,151 +737,6 @@ def device_images(ds, device):
 # --- end shared: data ---
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2b. In-memory data on the device, augmented in batches (--gpu-aug)
-# ----------------------------------------------------------------------------------------------------
-class BatchAugment:
-    """Random resized crop, horizontal flip, colour jitter, greyscale, Gaussian blur and normalisation for a
-    uint8 batch on any device, every random number drawn from one torch.Generator (reproducible, resumable).
-    Per sample, as torchvision: crop (scale, ratio 3/4-4/3, 10 tries then the centre crop), flip p=0.5,
-    jitter factors b, c, s ~ U[1-x, 1+x], hue ~ U[-h, h] in a random order per sample with probability
-    jitter_p, greyscale (0.2989 R + 0.587 G + 0.114 B) with grey_p, blur sigma ~ U[0.1, 2] px with blur_p.
-    `order` lists the colour steps in the order they run; flipping commutes with all of them and runs first.
-    NOTE(deviation): bilinear sampling without antialiasing (a crop shrunk more than 2x aliases; CIFAR and
-    MNIST crops at 32 px are only enlarged), float arithmetic throughout (PIL rounds to uint8 after each
-    step), and a true Gaussian kernel (PIL approximates it by box filters)."""
-
-    def __init__(self, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2, blur_p=0.0,
-                 order=("jitter", "grey"), mean_std=MEAN_STD["imagenet"], flip_p=0.5, blur_sigma=(0.1, 2.0),
-                 channels_last=False):
-        self.size, self.scale, self.ratio = size, scale, (3 / 4, 4 / 3)
-        self.jitter, self.jitter_p, self.grey_p, self.blur_p, self.flip_p = jitter, jitter_p, grey_p, blur_p, flip_p
-        self.order, self.blur_sigma, self.channels_last = tuple(order), blur_sigma, channels_last
-        self.mean_std, self.consts = mean_std, {}
-
-    def _consts(self, dev):
-        """Small constant tensors, made once per device: a tensor from a Python list would sync with CUDA."""
-        if dev not in self.consts:
-            self.consts[dev] = dict(mean=torch.tensor(self.mean_std[0], device=dev).view(1, 3, 1, 1),
-                                    std=torch.tensor(self.mean_std[1], device=dev).view(1, 3, 1, 1),
-                                    same=torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev),  # identity jitter
-                                    steps=torch.arange(4, device=dev), n=torch.tensor([5.0, 3.0, 1.0], device=dev))
-        return self.consts[dev]
-
-    def __call__(self, x, g):
-        """x: uint8 (B, 3, H, W) on g's device -> float (B, 3, S, S), normalised."""
-        B, dev = x.shape[0], x.device
-
-        def u(*shape, lo=0.0, hi=1.0):  # every draw goes through here: a fixed sequence per generator seed
-            return torch.rand(*shape, generator=g, device=dev) * (hi - lo) + lo
-
-        y = self._crop_flip(x, u)  # (B, 3, S, S) in [0, 1]
-        ops = {"jitter": lambda y: self._jitter(y, u), "grey": lambda y: self._grey(y, u(B) < self.grey_p),
-               "blur": lambda y: self._blur(y, u(B) < self.blur_p, u(B, lo=self.blur_sigma[0], hi=self.blur_sigma[1]))}
-        for name in self.order:
-            y = ops[name](y)
-        y = (y - self._consts(dev)["mean"]) / self._consts(dev)["std"]  # (B, 3, S, S)
-        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
-
-    def _crop_flip(self, x, u):
-        """torchvision RandomResizedCrop.get_params, 10 tries for all samples at once, then one affine grid
-        per sample (crop, resize and flip in a single bilinear grid_sample)."""
-        B, _, H, W = x.shape
-        area = H * W * u(B, 10, lo=self.scale[0], hi=self.scale[1])  # (B, 10)
-        aspect = torch.exp(u(B, 10, lo=math.log(self.ratio[0]), hi=math.log(self.ratio[1])))  # (B, 10)
-        w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()  # (B, 10)
-        ok = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)  # (B, 10)
-        first = ok.float().argmax(1, keepdim=True)  # (B, 1): the first try that fits
-        w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)  # (B,)
-        # no try fits: the whole image, its aspect ratio clamped into `ratio`, centred
-        r = W / H
-        fw, fh = (W, round(W / self.ratio[0])) if r < self.ratio[0] else (round(H * self.ratio[1]), H) \
-            if r > self.ratio[1] else (W, H)
-        w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))  # (B,)
-        top = torch.where(found, torch.minimum((u(B) * (H - h + 1)).floor(), H - h), float((H - fh) // 2))  # (B,)
-        left = torch.where(found, torch.minimum((u(B) * (W - w + 1)).floor(), W - w), float((W - fw) // 2))  # (B,)
-        flip = u(B) < self.flip_p  # (B,)
-        # output x' in [-1, 1] (align_corners=False: pixel edges) -> input x = cx + (w / W) x', negated to flip
-        theta = torch.zeros(B, 2, 3, device=x.device)  # (B, 2, 3)
-        theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
-        theta[:, 0, 2] = (2 * left + w) / W - 1
-        theta[:, 1, 1] = h / H
-        theta[:, 1, 2] = (2 * top + h) / H - 1
-        grid = F.affine_grid(theta, [B, 3, self.size, self.size], align_corners=False)  # (B, S, S, 2)
-        # torchvision crops, then resizes: a sample past the box's outer pixel centres takes the box's edge pixel,
-        # not a blend with the pixel outside the box (this matters when enlarging: CIFAR, MNIST)
-        lo = torch.stack([(2 * left + 1) / W - 1, (2 * top + 1) / H - 1], 1)[:, None, None]  # (B, 1, 1, 2)
-        hi = torch.stack([(2 * (left + w) - 1) / W - 1, (2 * (top + h) - 1) / H - 1], 1)[:, None, None]
-        grid = torch.minimum(torch.maximum(grid, lo), hi)  # (B, S, S, 2)
-        y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return y * (1 / 255)  # (B, 3, S, S)
-
-    @staticmethod
-    def _grey_of(y):
-        return (0.2989 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(1)  # (B, 1, S, S), ITU-R 601
-
-    def _grey(self, y, on):
-        return torch.where(on.view(-1, 1, 1, 1), self._grey_of(y).expand_as(y), y)  # (B, 3, S, S)
-
-    def _jitter(self, y, u):
-        """torchvision ColorJitter: factors drawn per sample, the four steps in a random order per sample. In
-        slot t every sample runs all four steps, with identity factors (1, hue 0) for the three it did not
-        pick: more arithmetic than needed, but no host sync and no per-sample loop."""
-        B = y.shape[0]
-        on = u(B) < self.jitter_p  # (B,)
-        b, c, s, hue = self.jitter
-        f = torch.stack([u(B, lo=max(0.0, 1 - b), hi=1 + b), u(B, lo=max(0.0, 1 - c), hi=1 + c),
-                         u(B, lo=max(0.0, 1 - s), hi=1 + s), u(B, lo=-hue, hi=hue)], 1)  # (B, 4)
-        same, steps = self._consts(y.device)["same"], self._consts(y.device)["steps"]
-        f = torch.where(on[:, None], f, same)  # (B, 4)
-        rank = u(B, 4).argsort(1)  # (B, 4): rank[i, t] = the step sample i runs t-th
-        for t in range(4):
-            pick = rank[:, t:t + 1] == steps  # (B, 4): one step per sample in this slot
-            y = self._adjust(y, torch.where(pick, f, same), pick[:, 3] & on if hue > 0 else None)
-        return y
-
-    def _adjust(self, y, k, hue_on=None):
-        """torchvision's adjust_brightness b*y, adjust_contrast c*y + (1-c)*mean(grey(y)), adjust_saturation
-        s*y + (1-s)*grey(y), each clamped to [0, 1], then adjust_hue where hue_on; factors k (B, 4) = b, c, s, h.
-        Factor 1 leaves an image exactly unchanged (1*y + 0*z == y)."""
-        k = k.view(-1, 4, 1, 1, 1)  # (B, 4, 1, 1, 1)
-        y = (y * k[:, 0]).clamp(0, 1)  # (B, 3, S, S)
-        m = self._grey_of(y).mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-        y = (k[:, 1] * y + (1 - k[:, 1]) * m).clamp(0, 1)
-        y = (k[:, 2] * y + (1 - k[:, 2]) * self._grey_of(y)).clamp(0, 1)
-        if hue_on is not None:
-            y = torch.where(hue_on.view(-1, 1, 1, 1), self._hue(y, k[:, 3]), y)
-        return y
-
-    def _hue(self, y, shift):
-        """Rotate the HSV hue by `shift` turns (B, 1, 1, 1), keeping value (max) and chroma (max - min):
-        hexagonal hue H' in [0, 6) from the largest channel; back with channel = max - chroma *
-        clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6, n = 5, 3, 1 for R, G, B (Wikipedia, 'HSL and HSV')."""
-        r, g, b = y.unbind(1)  # (B, S, S) each
-        mx, mn = y.amax(1), y.amin(1)  # (B, S, S)
-        chroma = mx - mn
-        d = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-        h = torch.where(mx == r, (g - b) / d, torch.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))  # (B, S, S)
-        h = torch.remainder(h + 6 * shift[:, 0], 6)  # (B, S, S)
-        n = self._consts(y.device)["n"].view(1, 3, 1, 1)
-        k = torch.remainder(n + h[:, None], 6)  # (B, 3, S, S)
-        return mx[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)  # (B, 3, S, S)
-
-    def _blur(self, y, on, sigma):
-        """Separable Gaussian with a per-sample sigma, radius ceil(3 * max sigma), edges replicated; samples
-        that skip the blur get the identity kernel."""
-        B, C, S, _ = y.shape
-        r = math.ceil(3 * self.blur_sigma[1])
-        t = torch.arange(-r, r + 1, device=y.device, dtype=y.dtype)  # (2r+1,)
-        k = torch.exp(-t ** 2 / (2 * sigma[:, None] ** 2))  # (B, 2r+1)
-        k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(y.dtype))  # (B, 2r+1)
-        k = k.repeat_interleave(C, 0)  # (B*C, 2r+1): one kernel per channel of each sample
-        z = F.pad(y, (r, r, r, r), mode="replicate").reshape(1, B * C, S + 2 * r, S + 2 * r)
-        z = F.conv2d(z, k.view(B * C, 1, 1, -1), groups=B * C)  # (1, B*C, S+2r, S) along the width
-        z = F.conv2d(z, k.view(B * C, 1, -1, 1), groups=B * C)  # (1, B*C, S, S) along the height
-        return z.view(B, C, S, S)
-
-
 class PILBlur:
     """v2 'aug+' blur: PIL GaussianBlur with radius ~ U[0.1, 2] (moco/loader.py), drawn from torch's RNG."""
 
@@ -656,235 +772,8 @@ def transforms(args, stats):
     return TwoCrops(train), test_transform(args.image_size, stats)
 
 
-def batch_augment(args, stats, channels_last=False):
-    """The batched twin of transforms(args, stats): the same crop, jitter, greyscale and blur, in the same order."""
-    order, jitter, jitter_p, blur_p = {"v1": (("grey", "jitter"), (0.4, 0.4, 0.4, 0.4), 1.0, 0.0),
-                                       "v2": (("jitter", "grey", "blur"), (0.4, 0.4, 0.4, 0.1), 0.8, 0.5),
-                                       "cifar": (("jitter", "grey"), (0.4, 0.4, 0.4, 0.1), 0.8, 0.0)}[args.aug]
-    return BatchAugment(args.image_size, (args.crop_min, 1.0), jitter, jitter_p, 0.2, blur_p, order, MEAN_STD[stats],
-                        channels_last=channels_last)
-
-
-def view_pairs(loader_, sampler, gpu, device, fmt, seed, epoch):
-    """(im_q, im_k) for the rest of the epoch: the CPU loader's two crops, or with gpu = (images, augment) the
-    same indices augmented on the device, each step's random numbers from a generator seeded by
-    (seed, epoch, step, rank), so a resumed run draws exactly what an uninterrupted one would."""
-    if gpu is None:
-        for (im_q, im_k), _ in loader_:
-            yield (im_q.to(device, non_blocking=True, memory_format=fmt),
-                   im_k.to(device, non_blocking=True, memory_format=fmt))
-        return
-    images, augment = gpu
-    idx = torch.tensor([i for i, _ in sampler], device=device).view(-1, sampler.batch)  # (steps left, B)
-    g = torch.Generator(device)
-    for step, batch in enumerate(idx, start=sampler.skip):
-        g.manual_seed((((seed * 1000003 + epoch) * 1000003 + step) * 1009 + sampler.rank) % 2 ** 63)
-        x = images[batch]  # (B, 3, H, W) uint8
-        yield augment(x, g), augment(x, g)
-
-
 # ----------------------------------------------------------------------------------------------------
-# 3. Encoders
-# ----------------------------------------------------------------------------------------------------
-class SplitBatchNorm(nn.BatchNorm2d):
-    """Batch norm whose training statistics are computed separately over `num_splits` groups of the batch
-    (the CIFAR notebook's SplitBatchNorm): one device behaves like num_splits GPUs for shuffle-BN. Group s is
-    the contiguous slice s*N/S .. (s+1)*N/S - 1, the slice rank s holds under torchrun, so 1 process with S
-    splits and S processes train the same model. NOTE(deviation): the notebook interleaves (sample n*S+s in
-    group s); on a randomly ordered batch both give the same distribution of groups.
-    Works for [N, C] and [N, C, H, W]; running statistics are the average over the groups."""
-
-    def __init__(self, num_features, num_splits=1, **kw):
-        super().__init__(num_features, **kw)
-        self.num_splits = num_splits
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
-
-    def forward(self, x):
-        S, N = self.num_splits, x.shape[0]
-        if not self.training or S == 1:
-            return super().forward(x)
-        if N % S or N // S < 2:
-            raise UserError(f"batch of {N} cannot be split into {S} batch-norm groups of 2 or more images")
-        xs = x.unflatten(0, (S, N // S))  # (S, N/S, C, ...), a view in any memory format
-        dims = [1] + list(range(3, xs.dim()))  # all but the group and the channel
-        var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)  # (S, 1, C, 1, ...) each
-        shape = [1, 1, -1] + [1] * (xs.dim() - 3)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)  # (S, 1, C, 1, ...)
-        y = (xs - mean) * scale + self.bias.view(shape)  # (S, N/S, C, ...)
-        with torch.no_grad():  # running statistics: the average over the groups (unbiased variance, as BN)
-            n = xs[0].numel() // xs.shape[2]  # values per channel in one group
-            self.running_mean.lerp_(mean.reshape(S, -1).mean(0), self.momentum)
-            self.running_var.lerp_(var.reshape(S, -1).mean(0) * (n / (n - 1)), self.momentum)
-            self.num_batches_tracked.add_(1)
-        return y.flatten(0, 1)  # (N, C, ...)
-
-
-class Basic32(nn.Module):
-    """DIM's 32x32 encoder (Hjelm et al. 2019, rdevon/DIM configs/convnets.py basic32x32): three 4x4/2 convs
-    64-128-256 with BN+ReLU, FC 1024 with BN+ReLU, then `fc` (the head, as in torchvision ResNets)."""
-
-    def __init__(self, num_classes=128, norm_layer=nn.BatchNorm2d):
-        super().__init__()
-        norm1d = nn.BatchNorm1d if norm_layer is nn.BatchNorm2d else norm_layer  # SplitBatchNorm takes 2D too
-
-        def block(i, o):
-            return [nn.Conv2d(i, o, 4, 2, 1, bias=False), norm_layer(o), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*block(3, 64), *block(64, 128), *block(128, 256), nn.AdaptiveAvgPool2d(4),
-                                      nn.Flatten(), nn.Linear(256 * 16, 1024, bias=False), norm1d(1024),
-                                      nn.ReLU(inplace=True))
-        self.fc = nn.Linear(1024, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.features(x))  # (N, num_classes)
-
-
-def build_encoder(arch, stem="imagenet", bn_splits=1, sync=False, num_classes=128):
-    """base_encoder(num_classes) as in the official builder, with the notebook's CIFAR stem and split BN."""
-    norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
-    if arch == "basic32":
-        net = Basic32(num_classes, norm_layer=norm)
-    elif arch.startswith("resnet") or arch.startswith("wide_resnet") or arch.startswith("resnext"):
-        if not hasattr(torchvision.models, arch):
-            raise UserError(f"unknown --arch {arch!r}")
-        net = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm)
-        if stem == "cifar":  # the notebook: 3x3 stride-1 first conv and no max-pool
-            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
-    else:
-        raise UserError(f"unknown --arch {arch!r}: basic32 or a torchvision ResNet name")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. The algorithm core: InfoNCE against the queue, and the MoCo model (facebookresearch/moco builder.py)
-# ----------------------------------------------------------------------------------------------------
-def infonce_logits(q, k, queue, T):
-    """He et al. 2020 (arXiv 1911.05722v3), Eq. (1): logits [N, 1+K] of q against k+ (first) and the queue."""
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-    l_neg = torch.einsum("nc,ck->nk", q, queue)  # (N, K)
-    return torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
-
-
-def infonce_loss(q, k, queue, T):
-    """-> per-row loss L_q = -log softmax(logits)[0] (N,) and n_beat (N,): queue logits above the positive."""
-    logits = infonce_logits(q, k, queue, T)  # (N, 1+K)
-    loss = F.cross_entropy(logits, logits.new_zeros(len(q), dtype=torch.long), reduction="none")  # (N,)
-    return loss, (logits[:, 1:] > logits[:, :1]).sum(1)  # (N,), (N,)
-
-
-def at_least_fp32(x):
-    """Half-precision outputs (autocast) -> float32; float32 and float64 stay as they are, so a float64 model
-    computes in float64 (how this code is checked against the official builder step by step)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-@torch.no_grad()
-def concat_all_gather(x):
-    """all_gather + cat (no gradient), the identity on one process."""
-    rank, world = world_info()
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-class MoCo(nn.Module):
-    """The official builder's model: same constructor, state-dict keys and forward, plus keyword options
-    (symmetric loss, fused op) whose defaults keep the official behaviour."""
-
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False, fused=None):
-        super().__init__()
-        self.K, self.m, self.T, self.symmetric, self.fused = K, m, T, symmetric, fused
-        self.encoder_q, self.encoder_k = base_encoder(num_classes=dim), base_encoder(num_classes=dim)
-        if mlp:  # v2: fc -> Linear(d, d) + ReLU + fc (no BN), the official keys fc.0 / fc.2
-            d = self.encoder_q.fc.weight.shape[1]
-            self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_q.fc)
-            self.encoder_k.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_k.fc)
-        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            pk.data.copy_(pq.data)  # theta_k starts as theta_q, and gets no gradient
-            pk.requires_grad = False
-        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (C, K)
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    @torch.no_grad()
-    def _momentum_update_key_encoder(self):
-        # Eq. (2): theta_k <- m * theta_k + (1 - m) * theta_q (parameters only; BN buffers are the key
-        # encoder's own, official behaviour, facebookresearch/moco#70)
-        pk = [p.data for p in self.encoder_k.parameters()]
-        torch._foreach_mul_(pk, self.m)
-        torch._foreach_add_(pk, [p.data for p in self.encoder_q.parameters()], alpha=1.0 - self.m)
-
-    @torch.no_grad()
-    def _batch_shuffle(self, x):
-        """Shuffle-BN (Sec. 3.3): gather the key images of all ranks, permute them with one permutation
-        broadcast from rank 0, hand each rank its slice. On one device the permutation only matters with
-        --bn-splits > 1 (a permutation under plain BN changes nothing)."""
-        rank, world = world_info()
-        x_all = concat_all_gather(x)  # (world*N, ...)
-        idx = torch.randperm(x_all.shape[0], device=x.device)  # (world*N,)
-        if world > 1:
-            dist.broadcast(idx, src=0)
-        n = x.shape[0]
-        return x_all[idx[rank * n:(rank + 1) * n]], torch.argsort(idx)
-
-    @torch.no_grad()
-    def _batch_unshuffle(self, x, idx_unshuffle):
-        rank, n = world_info()[0], x.shape[0]
-        return concat_all_gather(x)[idx_unshuffle[rank * n:(rank + 1) * n]]
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys):
-        keys = concat_all_gather(keys)  # (B_global, C)
-        if self.fused is not None:
-            return self.fused.enqueue_(self.queue, self.queue_ptr, keys.to(self.queue.dtype))
-        # NOTE(deviation): wrap-around write, so any K >= batch works (official: assert K % batch == 0).
-        # The pointer stays on the device: no host sync.
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
-        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
-
-    def _keys(self, im_k):
-        with torch.no_grad():
-            im_k, idx_unshuffle = self._batch_shuffle(im_k)
-            k = F.normalize(at_least_fp32(self.encoder_k(im_k)), dim=1)  # (N, C), fp32 under autocast
-            return self._batch_unshuffle(k, idx_unshuffle)
-
-    def forward(self, im_q, im_k, return_loss=False):
-        """Official: -> (logits [N, 1+K], labels [N] of zeros). return_loss=True (the training step):
-        -> (mean loss, top-1 and top-5 accuracy of the (K+1)-way task), symmetric and fused if so built."""
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-        if not return_loss:
-            q = F.normalize(at_least_fp32(self.encoder_q(im_q)), dim=1)  # (N, C)
-            k = self._keys(im_k)  # (N, C)
-            with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
-                logits = infonce_logits(q, k, self.queue.clone().detach(), self.T)  # (N, 1+K)
-            self._dequeue_and_enqueue(k)
-            return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        pairs = [(im_q, im_k), (im_k, im_q)] if self.symmetric else [(im_q, im_k)]
-        losses, beats, keys = [], [], []
-        for a, b in pairs:
-            q = F.normalize(at_least_fp32(self.encoder_q(a)), dim=1)  # (N, C)
-            k = self._keys(b)  # (N, C)
-            with torch.autocast(q.device.type, enabled=False):  # logits and softmax in fp32 under --amp
-                if self.fused is not None:  # no (N, 1+K) logits; backward never reads the queue again
-                    loss, n_beat = self.fused.infonce_loss(q, k, self.queue, self.T)[:2]
-                else:
-                    loss, n_beat = infonce_loss(q, k, self.queue.clone().detach(), self.T)
-            losses.append(loss.mean())
-            beats.append(n_beat)
-            keys.append(k)
-        self._dequeue_and_enqueue(torch.cat(keys[::-1]))  # symmetric: enqueue [k1, k2] as the notebook
-        n_beat = torch.cat(beats)
-        return sum(losses), (n_beat == 0).float().mean() * 100, (n_beat < 5).float().mean() * 100
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Monitoring: weighted kNN on frozen features (the CIFAR notebook: k=200, t=0.1, cosine similarity)
+# Appendix B. Monitoring: weighted kNN on frozen features (the CIFAR notebook: k=200, t=0.1, cosine)
 # ----------------------------------------------------------------------------------------------------
 # --- shared: knn ---
 @torch.no_grad()
@@ -956,257 +845,303 @@ def knn_monitor(encode, bank_set, test_set, tf, workers, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Training loop
+# Appendix C. Utilities: device, checkpoints, RNG, logging, arguments, and the run loop shared with dim.py
 # ----------------------------------------------------------------------------------------------------
-def load_fused(mode, device):
-    """The moco_ext extension (csrc/), or None for the pure-PyTorch path."""
-    if mode == "off":
-        return None
-    if mode == "on":
-        os.environ.setdefault("MOCO_EXT_JIT", "1")  # build it with ninja if it is not installed
-    elif mode != "auto":
-        raise UserError(f"--fused must be auto, on or off, not {mode!r}")
+# --- shared: utilities ---
+class UserError(Exception):
+    """An error the user can fix; main() prints it as one line."""
+
+
+def setup_device(args):
+    """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed + rank)
+    return device, rank, world
+
+
+def world_info():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, algo):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
     try:
-        import moco_ext
-        reason = moco_ext.unusable_reason(device)  # no CUDA kernels, or none for this GPU's architecture
-        if reason:
-            raise ImportError(reason)
-        return moco_ext
-    except Exception as e:
-        if mode == "on":
-            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]}")
-        print(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
-        return None
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
+        found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
+    return ckpt
 
 
-def adjust_lr(opt, epoch, args):
-    """main_moco.py: set once per epoch; cosine or x0.1 at each milestone."""
-    if args.schedule == "cos":
-        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    else:
-        lr = args.lr * 0.1 ** sum(epoch >= int(m) for m in args.milestones.split(",") if m)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    return lr
+def rng_states(device):
+    """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rank, world = world_info()
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
 
 
-def check_hparams(args):
-    """Values that make no sense stop here, before any work, in one line (exit 2)."""
-    for bad, msg in [
-        (args.aug not in ("v1", "v2", "cifar"), f"--aug must be v1, v2 or cifar, not {args.aug!r}"),
-        (args.schedule not in ("step", "cos"), f"--schedule must be step or cos, not {args.schedule!r}"),
-        (args.bn not in ("shuffle", "sync"), f"--bn must be shuffle or sync, not {args.bn!r}"),
-        (args.stem not in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, not {args.stem!r}"),
-        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
-        (not 0 <= args.moco_m <= 1, f"--moco-m {args.moco_m} must be in [0, 1] (1 = a frozen key encoder)"),
-        (args.moco_k < 1, f"--moco-k {args.moco_k} must be >= 1"),
-        (not 0 < args.moco_t < math.inf, f"--moco-t {args.moco_t} must be > 0"),
-        (args.moco_dim < 1, f"--moco-dim {args.moco_dim} must be >= 1"),
-        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
-        (args.batch_size < 2, f"--batch-size {args.batch_size} must be >= 2"),
-        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
-        (not 0 <= args.momentum < 1, f"--momentum {args.momentum} must be in [0, 1)"),
-        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
-        (not 0 < args.crop_min <= 1, f"--crop-min {args.crop_min} must be in (0, 1]"),
-        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8"),
-        (args.bn_splits < 1, f"--bn-splits {args.bn_splits} must be >= 1"),
-        (args.bn == "sync" and args.bn_splits > 1, "--bn sync and --bn-splits > 1 exclude each other"),
-        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
-        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
-        (min(args.max_steps, args.save_every, args.knn_every) < 0,
-         "--max-steps, --save-every and --knn-every must be >= 0"),
-        (not all(m.strip().isdigit() for m in args.milestones.split(",") if m.strip()),
-         f"--milestones {args.milestones!r} must be epochs separated by commas, e.g. 120,160"),
-    ]:
-        if bad:
-            raise UserError(msg)
+def set_rng_state(states, device):
+    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
+    rank, world = world_info()
+    states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
+    if len(states) != world:
+        return False
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True
 
 
-def check_args(args, world):
-    """The checks that need the number of processes."""
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
-    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
-    if args.moco_k < keys_per_step:
-        raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued per "
-                        f"step (global batch {args.batch_size}{', x2 for --symmetric' if args.symmetric else ''})")
-    if args.bn_splits % world:
-        raise UserError(f"--bn-splits {args.bn_splits} (batch-norm groups of the global batch) is not a multiple "
-                        f"of the {world} processes; e.g. --bn-splits {world}")
-    if args.batch_size % args.bn_splits or args.batch_size // args.bn_splits < 2:
-        raise UserError(f"--batch-size {args.batch_size} cannot be split into --bn-splits {args.bn_splits} "
-                        "batch-norm groups of 2 or more images")
+class Logger:
+    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out, enabled):
+        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
+
+    def __call__(self, text, **metrics):
+        if self.enabled:
+            print(text, flush=True)
+            if metrics:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
 
 
-def train(argv=None):
-    args, given = parse_args(argv)
-    ckpt, path = None, os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        src = path if args.resume == "auto" else args.resume
-        if args.resume != "auto" or os.path.exists(src):
-            ckpt = load_checkpoint(src, "moco")
-            args = Args(**{**ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
-    check_hparams(args)
-    device, rank, world = setup_device(args)
-    check_args(args, world)
-    log = Logger(args.out, rank == 0)
-    if rank == 0:
-        make_out(args.out)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-        log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
-        if ckpt is None and args.resume == "auto":
-            log(f"note: --resume auto found no {path}; starting fresh")
-
-    train_set, test_set, stats = load_data(args)
-    if len(train_set) == 0:
-        raise UserError("the training set is empty")
-    if args.batch_size > len(train_set):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
-    train_tf, test_tf = transforms(args, stats)
-    per_rank = args.batch_size // world
-    sampler = EpochSampler(len(train_set), per_rank, args.seed, rank, world)
-    train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
-    hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
-    bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
-    knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
-    gpu = None  # (uint8 images on the device, BatchAugment) when the batched device path is on
-    if args.gpu_aug == "on" or (args.gpu_aug == "auto" and device.type == "cuda"):
-        images = device_images(train_set, device)
-        if images is not None:
-            gpu = (images[0], batch_augment(args, stats, channels_last=device.type == "cuda"))
-        elif args.gpu_aug == "on":
-            log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
-    some = f" ({len(bank_set)} labelled: the kNN bank)" if len(bank_set or train_set) < len(train_set) else ""
-    log(f"data: {len(train_set)} images{some}, " + (f"uint8 on {device}, augmented there in batches" if gpu else
-                                                   f"augmented by the CPU loader with {args.workers} workers"))
-
-    amp_dtype = None
-    if args.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif args.amp:
-        log("note: --amp is ignored on the CPU")
-    fused = load_fused(args.fused, device)
-    # --bn-splits counts the groups of the global batch (the official run: 8 GPUs); each rank holds its share
-    base = partial(build_encoder, args.arch, args.stem, args.bn_splits // world, args.bn == "sync" and world > 1)
-    model = MoCo(base, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric, fused)
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                          momentum=args.momentum, weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    epoch, pos, step = 0, 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        if not set_rng_state(ckpt["rng"], device):
-            log(f"note: {src} was saved by another number of processes: each rank goes on from its current random "
-                "state (the data order and augmentations do not depend on it)")
-        log(f"resumed from {src} at epoch {epoch} step {step}")
-    if args.compile:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
-    net = model
-    if world > 1:  # rank 0's initial queue on every rank; identical from then on by construction, so DDP must
-        dist.broadcast(model.queue, 0)  # not re-broadcast it (33.5 MB at K = 65536) at every forward
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["queue", "queue_ptr"])
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save(ep, at):
-        rngs = rng_states(device)  # every rank's, so that a resumed run draws what an uninterrupted one would
-        if rank == 0:
-            save_checkpoint({"algo": "moco", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": ep, "step_in_epoch": at, "step": step,
-                             "rng": rngs, "args": dataclasses.asdict(args),
-                             "time_s": elapsed()}, path)
-
-    steps_per_epoch = sampler.steps()
-    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    t_start, first_loss, last_loss, knn = time.perf_counter(), None, None, None
-    elapsed = lambda: (ckpt or {}).get("time_s", 0.0) + time.perf_counter() - t_start  # all runs of a job
-    while step < total and epoch < args.epochs:
-        lr = adjust_lr(opt, epoch, args)
-        sampler.epoch, sampler.skip = epoch, pos
-        net.train()
-        it = view_pairs(train_loader, sampler, gpu, device, fmt, args.seed, epoch)
-        t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-        while pos < steps_per_epoch and step < total:
-            t0 = time.perf_counter()
-            im_q, im_k = next(it)  # (B, 3, S, S) each, on the device
-            wait += time.perf_counter() - t0
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, acc1, acc5 = net(im_q, im_k, return_loss=True)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step, pos, seen = step + 1, pos + 1, seen + 1
-            vals = torch.stack([loss.detach(), acc1, acc5])
-            sums = vals if sums is None else sums + vals
-            saving = args.save_every and step % args.save_every == 0
-            if step % args.log_every == 0 or saving or pos == steps_per_epoch or step == total:
-                if world > 1:  # the mean over all ranks, not rank 0's share
-                    dist.all_reduce(sums)
-                    sums /= world
-                l, a1, a5 = (sums / seen).tolist()
-                if not math.isfinite(l):
-                    raise UserError(f"loss is {l} at step {step}: stopped; the last good checkpoint ({path}) "
-                                    "is intact (try a lower --lr, or without --amp)")
-                dt = time.perf_counter() - t_last
-                first_loss, last_loss = first_loss if first_loss is not None else l, l
-                eta = (time.perf_counter() - t_start) / max(1, step - ckpt_step(ckpt)) * (total - step)
-                log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {l:.4f} acc1 {a1:.1f} "
-                    f"acc5 {a5:.1f} lr {lr:.4g} img/s {seen * args.batch_size / dt:.0f} "
-                    f"data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
-                    step=step, epoch=epoch + pos / steps_per_epoch, loss=l, acc1=a1, acc5=a5, lr=lr,
-                    img_s=seen * args.batch_size / dt, data_wait=wait / dt, time_s=elapsed())
-                t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-            if saving:
-                save(epoch, pos)
-        if pos == steps_per_epoch:
-            epoch, pos = epoch + 1, 0
-            if args.knn_every and epoch % args.knn_every == 0:  # every rank encodes its share
-                # the notebook monitors encoder_q's (normalised) output
-                knn, knn_s = knn_monitor(model.encoder_q, bank_set, knn_test, test_tf, args.workers, device)
-                log(f"epoch {epoch} kNN top-1 {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn,
-                    knn_s=knn_s)
-        save(epoch, pos)
-    if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
-        knn, knn_s = knn_monitor(model.encoder_q, bank_set, knn_test, test_tf, args.workers, device)
-        log(f"step {step} kNN top-1 {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch + pos / steps_per_epoch,
-            knn_top1=knn, knn_s=knn_s)
-    if rank == 0:
-        loss_txt = "n/a" if first_loss is None else f"{first_loss:.4f} -> {last_loss:.4f}"
-        knn_txt = "off" if knn is None else f"{knn:.2f}"
-        log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {loss_txt}, "
-            f"kNN top-1 {knn_txt}, checkpoint {path}")
-    if world > 1:
-        dist.destroy_process_group()
-    return model
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def ckpt_step(ckpt):
-    return 0 if ckpt is None else ckpt["step"]
-
-
-# --- shared: main ---
-def main(argv=None):
+def make_out(path):
+    """The output folder, made if missing; a path that cannot be one (a file, no permission) is a one-line error."""
     try:
-        train(argv)
-    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
-        msg = str(e).strip().splitlines()[-1]
-        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
-    except torch.OutOfMemoryError:
-        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
-# --- end shared: main ---
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make the output folder ({e.strerror or e})") from None
+
+
+def parse_args(argv=None):
+    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[preset], **given}), given
+# --- end shared: utilities ---
+
+
+# --- shared: run ---
+class Run:
+    """The plumbing of one training run, the same in moco.py and dim.py: arguments (a resumed run takes its
+    checkpoint's, then the flags given again), checks before any work, device and torchrun, output folder and
+    log, data, resume, the step loop with logging, checkpoints and the kNN monitor. The script's train() builds
+    the model and hands fit() a function that takes one optimisation step."""
+
+    def __init__(self, argv, algo):
+        args, given = parse_args(argv)
+        self.algo, self.path, self.ckpt, self.src = algo, os.path.join(args.out, "ckpt.pt"), None, None
+        if args.resume:
+            self.src = self.path if args.resume == "auto" else args.resume
+            if args.resume != "auto" or os.path.exists(self.src):
+                self.ckpt = load_checkpoint(self.src, algo)
+                args = Args(**{**self.ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+        self.args = args = resolve(args)
+        check_hparams(args)
+        self.device, self.rank, self.world = setup_device(args)
+        check_args(args, self.world)
+        self.log = Logger(args.out, self.rank == 0)
+        if self.rank == 0:
+            make_out(args.out)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=1)
+            self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+            if self.ckpt is None and args.resume == "auto":
+                self.log(f"note: --resume auto found no {self.path}; starting fresh")
+        self.amp_dtype = None
+        if args.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        elif args.amp:
+            self.log("note: --amp is ignored on the CPU")
+        self.fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    def data(self):
+        """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
+        the kNN monitor's labelled bank and test sets."""
+        args, device = self.args, self.device
+        train_set, test_set, stats = load_data(args)
+        if len(train_set) == 0:
+            raise UserError("the training set is empty")
+        if args.batch_size > len(train_set):
+            raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+        train_tf, self.test_tf = transforms(args, stats)
+        self.sampler = EpochSampler(len(train_set), args.batch_size // self.world, args.seed, self.rank, self.world)
+        self.loader = loader(Seeded(train_set, train_tf), self.sampler.batch, args.workers, self.sampler, device)
+        hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
+        self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
+        self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
+        self.gpu = device_path(train_set, stats, self)  # (uint8 images on the device, prepare, views) or None
+        some = f" ({len(self.bank_set)} labelled: the kNN bank)" if len(self.bank_set or train_set) < len(train_set) \
+            else ""
+        self.log(f"data: {len(train_set)} images{some}, " + (
+            f"uint8 on {device}, augmented there in batches (gpu_aug.py)" if self.gpu else
+            f"augmented by the CPU loader with {args.workers} workers"))
+
+    def batches(self, epoch):
+        """The rest of the epoch's batches on the device: a tensor (B, 3, S, S) or a tuple of views."""
+        if self.gpu is not None:
+            import gpu_aug
+            yield from gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch)
+            return
+        for x, _ in self.loader:
+            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in (x if isinstance(x, list) else [x])]
+            yield tuple(x) if len(x) > 1 else x[0]
+
+    def restore(self, state):
+        """Load the checkpoint into `state` (name -> module, optimizer or scaler) -> (epoch, position, step)."""
+        if self.ckpt is None:
+            return 0, 0, 0
+        for name, obj in state.items():
+            if name not in self.ckpt:  # a key added later (dim.py's prior_scaler): keep the fresh one
+                continue
+            try:
+                obj.load_state_dict(self.ckpt[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise UserError(f"{self.src} does not match these settings ({name}): {str(e).splitlines()[0]}")
+        if not set_rng_state(self.ckpt["rng"], self.device):
+            self.log(f"note: {self.src} was saved by another number of processes: each rank goes on from its current "
+                     "random state (the data order and augmentations do not depend on it)")
+        self.log(f"resumed from {self.src} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}")
+        return self.ckpt["epoch"], self.ckpt["step_in_epoch"], self.ckpt["step"]
+
+    def save(self, state, epoch, pos, step):
+        rngs = rng_states(self.device)  # every rank's, so that a resumed run draws what an uninterrupted one would
+        if self.rank == 0:
+            save_checkpoint({"algo": self.algo, **{k: v.state_dict() for k, v in state.items()}, "epoch": epoch,
+                             "step_in_epoch": pos, "step": step, "rng": rngs, "args": dataclasses.asdict(self.args),
+                             "time_s": self.elapsed()}, self.path)
+
+    def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
+        """The step loop from start = (epoch, position in it, step): step_fn(batch) -> a tensor of the `metrics`
+        (name -> format, None = JSON only), summed on the device and read back only when a line is logged;
+        lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
+        args, log, world = self.args, self.log, self.world
+        epoch, pos, step = start
+        per_epoch = self.sampler.steps()
+        total = min(args.max_steps or math.inf, args.epochs * per_epoch)
+        self.t_start, first, last, knn, done0 = time.perf_counter(), None, None, None, step
+        self.elapsed = lambda: (self.ckpt or {}).get("time_s", 0.0) + time.perf_counter() - self.t_start
+        while step < total and epoch < args.epochs:
+            lr = lr_of(epoch)
+            for m in state.values():  # the kNN monitor left the encoder in eval()
+                if isinstance(m, nn.Module):
+                    m.train()
+            self.sampler.epoch, self.sampler.skip = epoch, pos
+            it = self.batches(epoch)
+            t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+            while pos < per_epoch and step < total:
+                t0 = time.perf_counter()
+                batch = next(it)
+                wait += time.perf_counter() - t0
+                vals = step_fn(batch)  # (len(metrics),), detached, on the device
+                step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
+                saving = args.save_every and step % args.save_every == 0
+                if step % args.log_every == 0 or saving or pos == per_epoch or step == total:
+                    if world > 1:  # the mean over all ranks, not rank 0's share
+                        dist.all_reduce(sums)
+                        sums /= world
+                    m, dt = dict(zip(metrics, (sums / seen).tolist())), time.perf_counter() - t_last
+                    if not math.isfinite(m["loss"]):
+                        raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint "
+                                        f"({self.path}) is intact (try {nan_hint}, or without --amp)")
+                    first, last = first if first is not None else m["loss"], m["loss"]
+                    eta = (time.perf_counter() - self.t_start) / max(1, step - done0) * (total - step)
+                    shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
+                    log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} {shown} lr {lr:.4g} img/s "
+                        f"{seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
+                        step=step, epoch=epoch + pos / per_epoch, **m, lr=lr, img_s=seen * args.batch_size / dt,
+                        data_wait=wait / dt, time_s=self.elapsed())
+                    t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+                if saving:
+                    self.save(state, epoch, pos, step)
+            if pos == per_epoch:
+                epoch, pos = epoch + 1, 0
+                if args.knn_every and epoch % args.knn_every == 0:
+                    knn = self.knn(knn_encoder, knn_name, f"epoch {epoch}", step, epoch)
+            self.save(state, epoch, pos, step)
+        if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
+            knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
+        loss_txt = "n/a" if first is None else f"{first:.4f} -> {last:.4f}"
+        log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
+            f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
+        if world > 1:
+            dist.destroy_process_group()
+
+    def knn(self, encode, name, when, step, epoch):
+        knn, knn_s = knn_monitor(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        self.log(f"{when} kNN top-1{name} {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn, knn_s=knn_s)
+        return knn
+
+
+def device_path(train_set, stats, run):
+    """--gpu-aug: (uint8 images on the device, the script's batched augmentation, views per image), or None for the
+    CPU loader. auto = on for in-memory data on a GPU, and on the CPU for images of at most 64 px (measured faster
+    there, README "Speed"); the plain path needs nothing of gpu_aug.py."""
+    args, device = run.args, run.device
+    if args.gpu_aug == "off":
+        return None
+    images = device_images(train_set, device)
+    small = images is not None and max(images[0].shape[-2:]) <= 64
+    if images is None or args.gpu_aug == "auto" and device.type != "cuda" and not small:
+        if args.gpu_aug == "on":
+            run.log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
+        return None
+    try:
+        import gpu_aug
+    except ImportError:
+        if args.gpu_aug == "on":
+            raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
+        return None
+    return (images[0], *batch_prepare(gpu_aug, args, stats, device))
+# --- end shared: run ---
 
 
 if __name__ == "__main__":
