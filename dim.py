@@ -88,7 +88,8 @@ class Args:
     aug: str = arg("auto", "none | crop (random crop + horizontal flip) | auto (crop when image-size >= 64)")
     image_size: int = arg(0, "input size (0 = the encoder's: 32 for basic32 and ResNets, 64 for alex64)")
     gpu_aug: str = arg("auto", "auto|on|off: in-memory data (built-in, CIFAR, MNIST, STL-10) as uint8 on the device, "
-                               "resized, cropped and normalised there in batches; auto = on CUDA only, on = also CPU")
+                               "prepared there in batches (gpu_aug.py); auto = on a GPU, and on the CPU for "
+                               "images of at most 64 px")
 
 
 PAPER = dict(epochs=1000, batch_size=64, lr=1e-4, beta1=0.5, estimator="jsd", critic="dot")
@@ -102,129 +103,395 @@ PRESETS = {
 }
 
 
-# --- shared: utilities ---
-class UserError(Exception):
-    """An error the user can fix; main() prints it as one line."""
-
-
-def setup_device(args):
-    """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world, local = 0, 1, 0
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(args.seed + rank)
-    return device, rank, world
-
-
-def world_info():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def save_checkpoint(state, path):
-    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, algo):
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
-        found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
-    return ckpt
-
-
-def rng_states(device):
-    """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
-    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    rank, world = world_info()
-    if world == 1:
-        return [mine]
-    states = [None] * world
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def set_rng_state(states, device):
-    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
-    rank, world = world_info()
-    states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
-    if len(states) != world:
-        return False
-    torch.set_rng_state(states[rank]["torch"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
-
-
-class Logger:
-    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, out, enabled):
-        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
-
-    def __call__(self, text, **metrics):
-        if self.enabled:
-            print(text, flush=True)
-            if metrics:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def make_out(path):
-    """The output folder, made if missing; a path that cannot be one (a file, no permission) is a one-line error."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot make the output folder ({e.strerror or e})") from None
-
-
-def parse_args(argv=None):
-    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
-    given = vars(p.parse_args(argv))
-    preset = given.get("preset", Args.preset)
-    if preset not in PRESETS:
-        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return Args(**{**PRESETS[preset], **given}), given
-# --- end shared: utilities ---
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Data: no augmentation for 32x32 images; random 64x64 crops and flips for 64x64 (paper Sec. 4)
+# 2. The algorithm core: MI estimators, critics, prior matching (Hjelm et al. 2019, arXiv 1808.06670v5)
+# ----------------------------------------------------------------------------------------------------
+# Every estimator takes the critic's scores split into positives pos (N, L), T(C^(l)(x_i), E(x_i)) for each
+# image i and location l, and negatives neg (N, K), T(C(x_j), E(x_i)) for j != i: the K = (N-1)L scores of
+# image i's Y against every location of the other images. It returns the loss to minimise: minus the bound.
+def jsd_loss(pos, neg):
+    """Eq. (4): I_JSD >= E_P[-sp(-T(x, E(x)))] - E_PxP~[sp(T(x', E(x)))], sp = softplus. 2 log 2 at T = 0.
+    The official code adds log 2 to each term (its loss is ours - 2 log 2, 0 at T = 0): same gradients."""
+    return F.softplus(-pos).mean() + F.softplus(neg).mean()
+
+
+def nce_loss(pos, neg):
+    """Eq. (5): I_NCE >= E_P[T(x, E(x)) - log sum_x' e^T(x', E(x))], the sum over the positive and the K
+    negatives; I(X; Y) >= log(K + 1) - loss. log(K + 1) at T = 0. NOTE(deviation): the image's own other
+    locations are left out of the sum (the official code keeps them, with their score pushed down by 10)."""
+    neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (N, 1)
+    return -(pos - torch.logaddexp(pos, neg_lse)).mean()
+
+
+def dv_loss(pos, neg):
+    """Eq. (2): I_DV >= E_J[T] - log E_M[e^T] over all positives and all negatives. 0 at T = 0.
+    (The official donsker_varadhan_loss mis-broadcasts its mask; this is the paper's formula.)"""
+    return -(pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(neg.numel())))
+
+
+ESTIMATORS = {"jsd": jsd_loss, "nce": nce_loss, "dv": dv_loss}
+
+
+def mi_loss(scores, estimator):
+    """scores (N, N, L): T(C^(l)(x_j), E(x_i)) at [i, j, l]; the diagonal i == j holds the positives."""
+    n, _, L = scores.shape
+    pos = scores.diagonal(dim1=0, dim2=1).T  # (N, L)
+    # the off-diagonal pairs without a boolean mask (no host sync): in row-major order, after the first
+    # entry every (N+1)-th one is on the diagonal, so N-1 rows of N+1 end each with a diagonal entry
+    neg = scores.flatten(0, 1)[1:].view(n - 1, n + 1, L)[:, :n]  # (N-1, N, L)
+    neg = neg.reshape(n, (n - 1) * L)  # (N, (N-1)L): self-pairs removed, not shifted
+    return ESTIMATORS[estimator](pos, neg)
+
+
+def local_global_loss(l, g, estimator):
+    """Local DIM, Eq. (6) with the encode-and-dot-product critic T = g_i . l_{j,loc}: l (N, D, L) encoded
+    local features, g (N, D) encoded global features -> minus the bound, averaged over the L locations."""
+    return mi_loss(torch.einsum("id,jdl->ijl", g, l), estimator)  # (N, N, L) -> scalar
+
+
+class Embed1x1(nn.Module):
+    """One side of the encode-and-dot-product critic (rdevon/DIM MI1x1ConvNet): a 1x1-conv MLP n -> U -> U
+    plus a linear shortcut that starts near the identity, summed and layer-normalised over the U channels.
+    The 1x1 convolutions are written as Linear layers on (N, L, C) features (faster on the CPU)."""
+
+    def __init__(self, n_in, units):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(n_in, units, bias=False), nn.BatchNorm1d(units), nn.ReLU(),
+                                 nn.Linear(units, units))
+        self.shortcut = nn.Linear(n_in, units, bias=False)
+        with torch.no_grad():
+            self.shortcut.weight.uniform_(-0.01, 0.01)
+            self.shortcut.weight[torch.eye(units, n_in, dtype=torch.bool)] = 1.0
+        self.norm = nn.LayerNorm(units)
+
+    def forward(self, x):  # x (N, L, n_in)
+        h = x.reshape(-1, x.shape[2])  # (N*L, n_in): batch norm over images and locations, as a 1x1 conv
+        return self.norm(self.mlp(h) + self.shortcut(h)).view(x.shape[0], x.shape[1], -1)  # (N, L, U)
+
+
+class DotCritic(nn.Module):
+    """Encode-and-dot-product: T(c, y) = phi(c) . psi(y). Returns the encoded (l, g) for local_global_loss.
+    As in the official code the score is a raw dot product of layer-normalised U-vectors, of order sqrt(U) at
+    initialisation: the first losses lie far above their T = 0 values (JSD 2 log 2) and fall fast."""
+
+    def __init__(self, n_c, n_y, units):
+        super().__init__()
+        self.phi, self.psi = Embed1x1(n_c, units), Embed1x1(n_y, units)
+
+    def forward(self, c, y):  # c (N, L, C), y (N, Y)
+        return self.phi(c).transpose(1, 2), self.psi(y[:, None, :])[:, 0]  # (N, U, L), (N, U)
+
+
+class ConcatCritic(nn.Module):
+    """Concat-and-convolve (global: concat-and-MLP): T(c, y) = MLP([c; y]), 512 -> 512 -> 1 with ReLU, at every
+    location (a 1x1 conv). The first layer is split, W [c; y] = W_c c + W_y y, so all N x N pairs cost one add."""
+
+    def __init__(self, n_c, n_y, hidden=512):
+        super().__init__()
+        self.w_c, self.w_y = nn.Linear(n_c, hidden), nn.Linear(n_y, hidden, bias=False)
+        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, c, y):  # c (N, L, C), y (N, Y)
+        a = self.w_c(c)  # (N, L, H)
+        b = self.w_y(y)  # (N, H)
+        return self.rest(b[:, None, None, :] + a[None]).squeeze(-1)  # (N, N, L): scores [i (y), j (c), l]
+
+
+class DIM(nn.Module):
+    """Encoder plus the MI critics of Eq. (8). forward(x) -> ({'local': loss, 'global': loss}, Y (N, y_dim)).
+    Both objectives read the local map C: local DIM at each of its M*M locations (Eq. 6), global DIM on
+    C flattened (Eq. 3, Fig. 2). Critics are built only for objectives with a non-zero weight."""
+
+    def __init__(self, encoder, local_shape, y_dim=64, local=True, glob=False, critic="dot", units=2048):
+        super().__init__()
+        c, h, w = local_shape
+        self.encoder = encoder
+        if critic == "dot":
+            # NOTE(deviation): the global dot critic embeds flatten(C) and Y with 512-unit Embed1x1 nets (the
+            # official GlobalDIM runs a copy of the encoder's upper layers); the paper's concat MLP is --critic concat
+            self.local_critic = DotCritic(c, y_dim, units) if local else None
+            self.global_critic = DotCritic(c * h * w, y_dim, 512) if glob else None
+        else:
+            self.local_critic = ConcatCritic(c, y_dim) if local else None
+            self.global_critic = ConcatCritic(c * h * w, y_dim) if glob else None
+
+    def forward(self, x, estimator="jsd", local_samples=0):
+        f = self.encoder(x)
+        c, y = f["local"].flatten(2).transpose(1, 2), f["y"]  # (N, L = M*M, C), (N, y_dim)
+        losses = {}
+        if self.local_critic is not None:
+            if 0 < local_samples < c.shape[1]:  # the official code's local_samples: a random subset of locations
+                c_l = c[:, torch.randperm(c.shape[1], device=c.device)[:local_samples]]  # (N, S, C)
+            else:
+                c_l = c
+            losses["local"] = self._mi(self.local_critic, c_l, y, estimator)
+        if self.global_critic is not None:
+            losses["global"] = self._mi(self.global_critic, f["local"].flatten(1)[:, None], y, estimator)  # L = 1
+        return losses, y
+
+    @staticmethod
+    def _mi(critic, c, y, estimator):
+        out = critic(c, y)
+        with torch.autocast(c.device.type, enabled=False):  # scores, logsumexp and softplus in fp32
+            if isinstance(out, tuple):
+                return local_global_loss(out[0].float(), out[1].float(), estimator)
+            return mi_loss(out.float(), estimator)
+
+
+def prior_discriminator(y_dim=64):
+    """D: 1000 -> 200 -> 1 with ReLU, no BN (paper Appendix, as in the official code)."""
+    return nn.Sequential(nn.Linear(y_dim, 1000), nn.ReLU(), nn.Linear(1000, 200), nn.ReLU(), nn.Linear(200, 1))
+
+
+def prior_d_loss(d, y, gp=0.0):
+    """Eq. (7), the discriminator's side: max E_V[log D(v)] + E_P[log(1 - D(sigmoid(E(x))))], V = U[0,1]^64
+    (sigmoid on Y: Table 3 text), written as a logistic loss on D's logits. -> (loss, accuracy in %)."""
+    fake = torch.sigmoid(y.detach().float())  # (N, Y), no gradient into the encoder
+    real = torch.rand_like(fake)  # (N, Y) ~ U[0,1]^Y
+    if gp:
+        fake, real = fake.requires_grad_(), real.requires_grad_()
+    d_real, d_fake = d(real).squeeze(1).float(), d(fake).squeeze(1).float()  # (N,), (N,)
+    loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if gp:  # the official code: gp * E[|grad_v D(v)|^2] on real and fake inputs (rdevon/DIM#36)
+        grads = torch.autograd.grad(d_real.sum() + d_fake.sum(), [real, fake], create_graph=True)
+        loss = loss + gp * sum(g.pow(2).sum(1).mean() for g in grads)
+    acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) * 50
+    return loss, acc
+
+
+def prior_encoder_loss(d, y):
+    """Eq. (7), the encoder's side, non-saturating (Goodfellow et al. 2014): max E_P[log D(sigmoid(E(x)))].
+    Only the encoder's optimizer steps on it; D's gradients from it are discarded."""
+    return F.softplus(-d(torch.sigmoid(y.float())).float()).mean()
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Encoders: x -> local map C (N, C, M, M) -> conv tap -> fc tap -> Y (N, 64); Y = f(C(x)) (Sec. 3)
+# ----------------------------------------------------------------------------------------------------
+TAPS = ("local", "conv", "fc", "y")
+
+
+class Encoder(nn.Module):
+    """Four stages; forward(x, upto) returns the outputs of the stages up to `upto` as a dict."""
+
+    def __init__(self, to_local, to_conv, to_fc, to_y):
+        super().__init__()
+        self.to_local, self.to_conv, self.to_fc, self.to_y = to_local, to_conv, to_fc, to_y
+
+    def forward(self, x, upto="y"):
+        out, h = {}, x
+        for name, stage in zip(TAPS, (self.to_local, self.to_conv, self.to_fc, self.to_y)):
+            h = out[name] = stage(h)
+            if name == upto:
+                break
+        return out
+
+
+class Tap(nn.Module):
+    """images -> the features of one stage (evaluation and the kNN monitor)."""
+
+    def __init__(self, encoder, layer):
+        super().__init__()
+        self.encoder, self.layer = encoder, layer
+
+    def forward(self, x):
+        return self.encoder(x, self.layer)[self.layer]
+
+
+def conv_bn_relu(i, o, k, s, p):
+    return [nn.Conv2d(i, o, k, s, p, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+
+def fc_bn_relu(i, o):
+    return [nn.Linear(i, o, bias=False), nn.BatchNorm1d(o), nn.ReLU(inplace=True)]
+
+
+def build_encoder(arch, image_size, y_dim=64):
+    if arch == "basic32":  # rdevon/DIM _basic32x32 (paper Table 1): local map 128x8x8, conv tap 256x4x4
+        return Encoder(nn.Sequential(*conv_bn_relu(3, 64, 4, 2, 1), *conv_bn_relu(64, 128, 4, 2, 1)),
+                       nn.Sequential(*conv_bn_relu(128, 256, 4, 2, 1)),
+                       nn.Sequential(nn.Flatten(), *fc_bn_relu(256 * (image_size // 8) ** 2, 1024)),
+                       nn.Linear(1024, y_dim))
+    if arch == "alex64":  # rdevon/DIM _alex64x64 (STL-10, Tiny ImageNet): local map 384x15x15, conv tap 192x7x7
+        pool = nn.MaxPool2d(3, 2)
+        return Encoder(nn.Sequential(*conv_bn_relu(3, 96, 3, 1, 1), pool, *conv_bn_relu(96, 192, 3, 1, 1), pool,
+                                     *conv_bn_relu(192, 384, 3, 1, 1)),
+                       nn.Sequential(*conv_bn_relu(384, 384, 3, 1, 1), *conv_bn_relu(384, 192, 3, 1, 1), pool),
+                       nn.Sequential(nn.Flatten(), *fc_bn_relu(192 * 7 * 7, 4096), *fc_bn_relu(4096, 4096)),
+                       nn.Linear(4096, y_dim))
+    if arch.startswith("resnet") and hasattr(torchvision.models, arch):
+        # NOTE(deviation): a torchvision ResNet with the CIFAR stem (3x3/1 conv, no max-pool) for images up to
+        # 64 px; local map = layer3 (256x8x8 for resnet18 at 32 px), conv tap = layer4, fc = FC 1024 on the
+        # pooled layer4. The official code's ResNets differ in widths (rdevon/DIM#34).
+        net = torchvision.models.__dict__[arch]()
+        if image_size <= 64:
+            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        width = net.fc.in_features
+        return Encoder(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3),
+                       net.layer4, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *fc_bn_relu(width, 1024)),
+                       nn.Linear(1024, y_dim))
+    raise UserError(f"unknown --arch {arch!r}: basic32, alex64 or a torchvision ResNet name")
+
+
+
+
+def encoder_for_eval(ckpt, layer):
+    """A dim.py checkpoint dict -> frozen eval-mode module: images -> features of `layer` (conv, fc or y).
+    ckpt['model'] None keeps the random initialisation (the baseline of the same architecture)."""
+    if layer not in TAPS[1:]:
+        raise UserError(f"--layer must be conv, fc or y for a dim.py checkpoint, not {layer!r}")
+    a = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
+    encoder = build_encoder(a.arch, a.image_size, a.y_dim)
+    if ckpt.get("model") is not None:
+        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint does not match --arch {a.arch}: {str(e).splitlines()[0]}")
+    tap = Tap(encoder, layer).eval()
+    for p in tap.parameters():
+        p.requires_grad = False
+    return tap
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Training (the plumbing it shares with moco.py is class Run, in the appendix)
+# ----------------------------------------------------------------------------------------------------
+def train_step(net, prior, opts, scalers, x, args, amp_dtype):
+    """One step of Eq. (8) on the batch x (B, 3, S, S): the encoder and the MI critics under autocast; the prior
+    discriminator's step (Eq. 7) outside it, in float32, with its own gradient scaler. -> the logged values,
+    detached: (loss, local, global, prior, d_loss, d_acc)."""
+    (opt, opt_prior), (scaler, scaler_prior) = opts, scalers
+    zero = torch.zeros((), device=x.device)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        mi, y = net(x, args.estimator, args.local_samples)  # {'local', 'global'} losses (fp32), Y (N, y_dim)
+    mi_local, mi_global = mi.get("local", zero), mi.get("global", zero)
+    d_loss, d_acc, prior_loss = zero, zero, zero
+    if args.gamma > 0:  # Eq. (7): one discriminator step on this batch's Y, then the encoder's prior loss
+        d_loss, d_acc = prior_d_loss(prior, y, args.prior_gp)
+        opt_prior.zero_grad(set_to_none=True)
+        scaler_prior.scale(d_loss).backward()
+        world = world_info()[1]
+        if world > 1:  # the discriminator is small and outside DDP: average its gradients
+            grads = [p.grad for p in prior.parameters()]
+            for g in grads:
+                dist.all_reduce(g)
+            torch._foreach_div_(grads, world)
+        scaler_prior.step(opt_prior)
+        scaler_prior.update()
+        prior_loss = prior_encoder_loss(prior, y)
+    # Eq. (8): alpha * global + beta * local + gamma * prior (each a loss to minimise)
+    loss = args.alpha * mi_global + args.beta * mi_local + args.gamma * prior_loss
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return torch.stack([loss, mi_local, mi_global, prior_loss, d_loss, d_acc]).detach().float()
+
+
+def train(argv=None):
+    run = Run(argv, "dim")
+    args, device, world = run.args, run.device, run.world
+    # Under torchrun each rank takes batch / world images, and its negatives are the other images of its own
+    # share (not gathered across ranks): the estimators are defined per batch, and the paper's batch is 64.
+    run.data()
+    encoder = build_encoder(args.arch, args.image_size, args.y_dim)
+    with torch.no_grad():
+        local_shape = encoder.eval()(torch.zeros(2, 3, args.image_size, args.image_size), "local")["local"].shape[1:]
+    model = DIM(encoder.train(), local_shape, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units)
+    model, prior = model.to(device), prior_discriminator(args.y_dim).to(device)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
+    opts = torch.optim.Adam(model.parameters(), **adam), torch.optim.Adam(prior.parameters(), **adam)
+    scalers = tuple(torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16) for _ in range(2))
+    state = {"model": model, "prior": prior, "optimizer": opts[0], "prior_optimizer": opts[1],
+             "scaler": scalers[0], "prior_scaler": scalers[1]}  # what ckpt.pt holds, beside epoch, step, rng, args
+    start = run.restore(state)  # (epoch, step in it, step): zeros for a fresh run
+    if args.compile:
+        model.encoder.compile()
+    net = model
+    if world > 1:  # DDP copies rank 0's model to every rank; the discriminator (outside DDP) likewise
+        for t in prior.state_dict().values():
+            dist.broadcast(t, 0)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.fit(lambda x: train_step(net, prior, opts, scalers, x, args, run.amp_dtype), state, start,
+            {"loss": ".4f", "local": ".4f", "global": ".4f", "prior": ".3f", "d_loss": None, "d_acc": ".1f"},
+            lambda epoch: args.lr, Tap(model.encoder, "fc"), " (fc)", "a lower --lr, --estimator jsd")
+    return model, prior
+
+
+def resolve(args):
+    """Fill in the automatic values, so that args.json and the checkpoint hold the numbers actually used."""
+    size = args.image_size or (64 if args.arch == "alex64" else 32)
+    aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
+    return dataclasses.replace(args, image_size=size, aug=aug)
+
+
+def batch_prepare(gpu_aug, args, stats, device):
+    """The --gpu-aug twin of transforms(): gpu_aug.BatchPrepare, one view per image."""
+    return gpu_aug.BatchPrepare(args.image_size, args.aug, MEAN_STD[stats]), 1
+
+
+def check_hparams(args):
+    """Values that make no sense stop here, before any work, in one line (exit 2)."""
+    for bad, msg in [
+        (args.estimator not in ESTIMATORS, f"--estimator must be jsd, nce or dv, not {args.estimator!r}"),
+        (args.critic not in ("dot", "concat"), f"--critic must be dot or concat, not {args.critic!r}"),
+        (args.aug not in ("none", "crop"), f"--aug must be none, crop or auto, not {args.aug!r}"),
+        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
+        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),
+        (args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64,
+         f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}"),
+        (not all(0 <= w < math.inf for w in (args.alpha, args.beta, args.gamma)) or args.alpha + args.beta == 0,
+         "--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)"),
+        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
+        (args.batch_size < 2, "--batch-size must be at least 2 (the negatives come from the other images)"),
+        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
+        (not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
+        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
+        (not 0 <= args.prior_gp < math.inf, f"--prior-gp {args.prior_gp} must be >= 0"),
+        (min(args.y_dim, args.mi_units) < 1, "--y-dim and --mi-units must be >= 1"),
+        (args.local_samples < 0, f"--local-samples {args.local_samples} must be >= 0 (0 = all locations)"),
+        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
+        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
+        (min(args.max_steps, args.save_every, args.knn_every) < 0,
+         "--max-steps, --save-every and --knn-every must be >= 0"),
+    ]:
+        if bad:
+            raise UserError(msg)
+
+
+
+
+def check_args(args, world):
+    """The checks that need the number of processes."""
+    if args.batch_size % world or args.batch_size // world < 2:
+        raise UserError(f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of "
+                        "2 or more images")
+
+
+# --- shared: main ---
+def main(argv=None):
+    try:
+        train(argv)
+    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
+        msg = str(e).strip().splitlines()[-1]
+        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+# --- end shared: main ---
+
+
+# ----------------------------------------------------------------------------------------------------
+# Appendix A. Data and augmentation (the plain path; gpu_aug.py holds the batched twin of transforms())
 # ----------------------------------------------------------------------------------------------------
 # --- shared: data ---
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -465,6 +732,8 @@ def device_images(ds, device):
 # --- end shared: data ---
 
 
+
+
 def test_transform(size, stats):
     """The plain view (evaluation, kNN, and training without augmentation): resize, centre-crop, normalise."""
     return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
@@ -481,284 +750,9 @@ def transforms(args, stats):
     return train, test
 
 
-class BatchPrepare:
-    """The batched twin of transforms(args, stats) for uint8 images on any device (--gpu-aug): resize the shorter
-    side (bilinear, antialiased when shrinking) and centre-crop; with `crop`, resize to 1.5x the size, then a
-    random crop and a horizontal flip (p=0.5) per sample from the generator; normalise.
-    NOTE(deviation): float arithmetic throughout (PIL rounds the resized image to uint8): values differ from the
-    CPU loader's by up to ~1/255 before normalisation."""
-
-    def __init__(self, size, aug, stats):
-        self.size, self.crop = size, aug == "crop"
-        self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD[stats])
-
-    def __call__(self, x, g):
-        x = x.float() / 255  # (B, 3, H, W)
-        big = self.size * 3 // 2 if self.crop else self.size
-        h, w = x.shape[-2:]
-        if min(h, w) != big:  # T.Resize(big): the shorter side becomes big
-            hw = (big, max(big, round(w * big / h))) if h <= w else (max(big, round(h * big / w)), big)
-            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=min(h, w) > big)
-        top, left = (x.shape[-2] - big) // 2, (x.shape[-1] - big) // 2
-        x = x[..., top:top + big, left:left + big]  # (B, 3, big, big), T.CenterCrop
-        if self.crop:  # T.RandomCrop(size) + T.RandomHorizontalFlip() per sample, by gathering rows and columns
-            B, S, d = len(x), self.size, x.device
-            oy, ox = (torch.randint(0, big - S + 1, (B,), generator=g, device=d) for _ in range(2))
-            flip = torch.rand(B, generator=g, device=d) < 0.5
-            rows = oy[:, None] + torch.arange(S, device=d)  # (B, S)
-            cols = ox[:, None] + torch.arange(S, device=d)  # (B, S)
-            cols = torch.where(flip[:, None], cols.flip(1), cols)
-            x = x[torch.arange(B, device=d)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, S, S, 3)
-            x = x.permute(0, 3, 1, 2)  # (B, 3, S, S)
-        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).contiguous()  # (B, 3, S, S)
-
-
-def train_batches(loader_, sampler, gpu, device, seed, epoch):
-    """Training images for the rest of the epoch: the CPU loader's, or with gpu = (images, prepare) the same
-    indices prepared on the device, each step's random numbers from a generator seeded by (seed, epoch, step,
-    rank), so that a resumed run draws exactly what an uninterrupted one would."""
-    if gpu is None:
-        for x, _ in loader_:
-            yield x.to(device, non_blocking=True)
-        return
-    images, prepare = gpu
-    idx = torch.tensor([i for i, _ in sampler], device=device).view(-1, sampler.batch)  # (steps left, B)
-    g = torch.Generator(device)
-    for step, batch in enumerate(idx, start=sampler.skip):
-        g.manual_seed((((seed * 1000003 + epoch) * 1000003 + step) * 1009 + sampler.rank) % 2 ** 63)
-        yield prepare(images[batch], g)  # (B, 3, S, S)
-
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Encoders: x -> local map C (N, C, M, M) -> conv tap -> fc tap -> Y (N, 64); Y = f(C(x)) (Sec. 3)
-# ----------------------------------------------------------------------------------------------------
-TAPS = ("local", "conv", "fc", "y")
-
-
-class Encoder(nn.Module):
-    """Four stages; forward(x, upto) returns the outputs of the stages up to `upto` as a dict."""
-
-    def __init__(self, to_local, to_conv, to_fc, to_y):
-        super().__init__()
-        self.to_local, self.to_conv, self.to_fc, self.to_y = to_local, to_conv, to_fc, to_y
-
-    def forward(self, x, upto="y"):
-        out, h = {}, x
-        for name, stage in zip(TAPS, (self.to_local, self.to_conv, self.to_fc, self.to_y)):
-            h = out[name] = stage(h)
-            if name == upto:
-                break
-        return out
-
-
-class Tap(nn.Module):
-    """images -> the features of one stage (evaluation and the kNN monitor)."""
-
-    def __init__(self, encoder, layer):
-        super().__init__()
-        self.encoder, self.layer = encoder, layer
-
-    def forward(self, x):
-        return self.encoder(x, self.layer)[self.layer]
-
-
-def conv_bn_relu(i, o, k, s, p):
-    return [nn.Conv2d(i, o, k, s, p, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-
-
-def fc_bn_relu(i, o):
-    return [nn.Linear(i, o, bias=False), nn.BatchNorm1d(o), nn.ReLU(inplace=True)]
-
-
-def build_encoder(arch, image_size, y_dim=64):
-    if arch == "basic32":  # rdevon/DIM _basic32x32 (paper Table 1): local map 128x8x8, conv tap 256x4x4
-        return Encoder(nn.Sequential(*conv_bn_relu(3, 64, 4, 2, 1), *conv_bn_relu(64, 128, 4, 2, 1)),
-                       nn.Sequential(*conv_bn_relu(128, 256, 4, 2, 1)),
-                       nn.Sequential(nn.Flatten(), *fc_bn_relu(256 * (image_size // 8) ** 2, 1024)),
-                       nn.Linear(1024, y_dim))
-    if arch == "alex64":  # rdevon/DIM _alex64x64 (STL-10, Tiny ImageNet): local map 384x15x15, conv tap 192x7x7
-        pool = nn.MaxPool2d(3, 2)
-        return Encoder(nn.Sequential(*conv_bn_relu(3, 96, 3, 1, 1), pool, *conv_bn_relu(96, 192, 3, 1, 1), pool,
-                                     *conv_bn_relu(192, 384, 3, 1, 1)),
-                       nn.Sequential(*conv_bn_relu(384, 384, 3, 1, 1), *conv_bn_relu(384, 192, 3, 1, 1), pool),
-                       nn.Sequential(nn.Flatten(), *fc_bn_relu(192 * 7 * 7, 4096), *fc_bn_relu(4096, 4096)),
-                       nn.Linear(4096, y_dim))
-    if arch.startswith("resnet") and hasattr(torchvision.models, arch):
-        # NOTE(deviation): a torchvision ResNet with the CIFAR stem (3x3/1 conv, no max-pool) for images up to
-        # 64 px; local map = layer3 (256x8x8 for resnet18 at 32 px), conv tap = layer4, fc = FC 1024 on the
-        # pooled layer4. The official code's ResNets differ in widths (rdevon/DIM#34).
-        net = torchvision.models.__dict__[arch]()
-        if image_size <= 64:
-            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-        width = net.fc.in_features
-        return Encoder(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3),
-                       net.layer4, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *fc_bn_relu(width, 1024)),
-                       nn.Linear(1024, y_dim))
-    raise UserError(f"unknown --arch {arch!r}: basic32, alex64 or a torchvision ResNet name")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. The algorithm core: MI estimators, critics, prior matching (Hjelm et al. 2019, arXiv 1808.06670v5)
-# ----------------------------------------------------------------------------------------------------
-# Every estimator takes the critic's scores split into positives pos (N, L), T(C^(l)(x_i), E(x_i)) for each
-# image i and location l, and negatives neg (N, K), T(C(x_j), E(x_i)) for j != i: the K = (N-1)L scores of
-# image i's Y against every location of the other images. It returns the loss to minimise: minus the bound.
-def jsd_loss(pos, neg):
-    """Eq. (4): I_JSD >= E_P[-sp(-T(x, E(x)))] - E_PxP~[sp(T(x', E(x)))], sp = softplus. 2 log 2 at T = 0.
-    The official code adds log 2 to each term (its loss is ours - 2 log 2, 0 at T = 0): same gradients."""
-    return F.softplus(-pos).mean() + F.softplus(neg).mean()
-
-
-def nce_loss(pos, neg):
-    """Eq. (5): I_NCE >= E_P[T(x, E(x)) - log sum_x' e^T(x', E(x))], the sum over the positive and the K
-    negatives; I(X; Y) >= log(K + 1) - loss. log(K + 1) at T = 0. NOTE(deviation): the image's own other
-    locations are left out of the sum (the official code keeps them, with their score pushed down by 10)."""
-    neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (N, 1)
-    return -(pos - torch.logaddexp(pos, neg_lse)).mean()
-
-
-def dv_loss(pos, neg):
-    """Eq. (2): I_DV >= E_J[T] - log E_M[e^T] over all positives and all negatives. 0 at T = 0.
-    (The official donsker_varadhan_loss mis-broadcasts its mask; this is the paper's formula.)"""
-    return -(pos.mean() - (torch.logsumexp(neg.flatten(), 0) - math.log(neg.numel())))
-
-
-ESTIMATORS = {"jsd": jsd_loss, "nce": nce_loss, "dv": dv_loss}
-
-
-def mi_loss(scores, estimator):
-    """scores (N, N, L): T(C^(l)(x_j), E(x_i)) at [i, j, l]; the diagonal i == j holds the positives."""
-    n, _, L = scores.shape
-    eye = torch.eye(n, dtype=torch.bool, device=scores.device)  # (N, N)
-    pos = scores[eye]  # (N, L)
-    neg = scores[~eye].reshape(n, (n - 1) * L)  # (N, (N-1)L): self-pairs removed, not shifted
-    return ESTIMATORS[estimator](pos, neg)
-
-
-def local_global_loss(l, g, estimator):
-    """Local DIM, Eq. (6) with the encode-and-dot-product critic T = g_i . l_{j,loc}: l (N, D, L) encoded
-    local features, g (N, D) encoded global features -> minus the bound, averaged over the L locations."""
-    return mi_loss(torch.einsum("id,jdl->ijl", g, l), estimator)  # (N, N, L) -> scalar
-
-
-class Embed1x1(nn.Module):
-    """One side of the encode-and-dot-product critic (rdevon/DIM MI1x1ConvNet): a 1x1-conv MLP n -> U -> U
-    plus a linear shortcut that starts near the identity, summed and layer-normalised over the U channels.
-    The 1x1 convolutions are written as Linear layers on (N, L, C) features (faster on the CPU)."""
-
-    def __init__(self, n_in, units):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(n_in, units, bias=False), nn.BatchNorm1d(units), nn.ReLU(),
-                                 nn.Linear(units, units))
-        self.shortcut = nn.Linear(n_in, units, bias=False)
-        with torch.no_grad():
-            self.shortcut.weight.uniform_(-0.01, 0.01)
-            self.shortcut.weight[torch.eye(units, n_in, dtype=torch.bool)] = 1.0
-        self.norm = nn.LayerNorm(units)
-
-    def forward(self, x):  # x (N, L, n_in)
-        h = x.reshape(-1, x.shape[2])  # (N*L, n_in): batch norm over images and locations, as a 1x1 conv
-        return self.norm(self.mlp(h) + self.shortcut(h)).view(x.shape[0], x.shape[1], -1)  # (N, L, U)
-
-
-class DotCritic(nn.Module):
-    """Encode-and-dot-product: T(c, y) = phi(c) . psi(y). Returns the encoded (l, g) for local_global_loss.
-    As in the official code the score is a raw dot product of layer-normalised U-vectors, of order sqrt(U) at
-    initialisation: the first losses lie far above their T = 0 values (JSD 2 log 2) and fall fast."""
-
-    def __init__(self, n_c, n_y, units):
-        super().__init__()
-        self.phi, self.psi = Embed1x1(n_c, units), Embed1x1(n_y, units)
-
-    def forward(self, c, y):  # c (N, L, C), y (N, Y)
-        return self.phi(c).transpose(1, 2), self.psi(y[:, None, :])[:, 0]  # (N, U, L), (N, U)
-
-
-class ConcatCritic(nn.Module):
-    """Concat-and-convolve (global: concat-and-MLP): T(c, y) = MLP([c; y]), 512 -> 512 -> 1 with ReLU, at every
-    location (a 1x1 conv). The first layer is split, W [c; y] = W_c c + W_y y, so all N x N pairs cost one add."""
-
-    def __init__(self, n_c, n_y, hidden=512):
-        super().__init__()
-        self.w_c, self.w_y = nn.Linear(n_c, hidden), nn.Linear(n_y, hidden, bias=False)
-        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, c, y):  # c (N, L, C), y (N, Y)
-        a = self.w_c(c)  # (N, L, H)
-        b = self.w_y(y)  # (N, H)
-        return self.rest(b[:, None, None, :] + a[None]).squeeze(-1)  # (N, N, L): scores [i (y), j (c), l]
-
-
-class DIM(nn.Module):
-    """Encoder plus the MI critics of Eq. (8). forward(x) -> ({'local': loss, 'global': loss}, Y (N, y_dim)).
-    Both objectives read the local map C: local DIM at each of its M*M locations (Eq. 6), global DIM on
-    C flattened (Eq. 3, Fig. 2). Critics are built only for objectives with a non-zero weight."""
-
-    def __init__(self, encoder, local_shape, y_dim=64, local=True, glob=False, critic="dot", units=2048):
-        super().__init__()
-        c, h, w = local_shape
-        self.encoder = encoder
-        if critic == "dot":
-            # NOTE(deviation): the global dot critic embeds flatten(C) and Y with 512-unit Embed1x1 nets (the
-            # official GlobalDIM runs a copy of the encoder's upper layers); the paper's concat MLP is --critic concat
-            self.local_critic = DotCritic(c, y_dim, units) if local else None
-            self.global_critic = DotCritic(c * h * w, y_dim, 512) if glob else None
-        else:
-            self.local_critic = ConcatCritic(c, y_dim) if local else None
-            self.global_critic = ConcatCritic(c * h * w, y_dim) if glob else None
-
-    def forward(self, x, estimator="jsd", local_samples=0):
-        f = self.encoder(x)
-        c, y = f["local"].flatten(2).transpose(1, 2), f["y"]  # (N, L = M*M, C), (N, y_dim)
-        losses = {}
-        if self.local_critic is not None:
-            if 0 < local_samples < c.shape[1]:  # the official code's local_samples: a random subset of locations
-                c_l = c[:, torch.randperm(c.shape[1], device=c.device)[:local_samples]]  # (N, S, C)
-            else:
-                c_l = c
-            losses["local"] = self._mi(self.local_critic, c_l, y, estimator)
-        if self.global_critic is not None:
-            losses["global"] = self._mi(self.global_critic, f["local"].flatten(1)[:, None], y, estimator)  # L = 1
-        return losses, y
-
-    @staticmethod
-    def _mi(critic, c, y, estimator):
-        out = critic(c, y)
-        with torch.autocast(c.device.type, enabled=False):  # scores, logsumexp and softplus in fp32
-            if isinstance(out, tuple):
-                return local_global_loss(out[0].float(), out[1].float(), estimator)
-            return mi_loss(out.float(), estimator)
-
-
-def prior_discriminator(y_dim=64):
-    """D: 1000 -> 200 -> 1 with ReLU, no BN (paper Appendix, as in the official code)."""
-    return nn.Sequential(nn.Linear(y_dim, 1000), nn.ReLU(), nn.Linear(1000, 200), nn.ReLU(), nn.Linear(200, 1))
-
-
-def prior_d_loss(d, y, gp=0.0):
-    """Eq. (7), the discriminator's side: max E_V[log D(v)] + E_P[log(1 - D(sigmoid(E(x))))], V = U[0,1]^64
-    (sigmoid on Y: Table 3 text), written as a logistic loss on D's logits. -> (loss, accuracy in %)."""
-    fake = torch.sigmoid(y.detach().float())  # (N, Y), no gradient into the encoder
-    real = torch.rand_like(fake)  # (N, Y) ~ U[0,1]^Y
-    if gp:
-        fake, real = fake.requires_grad_(), real.requires_grad_()
-    d_real, d_fake = d(real).squeeze(1).float(), d(fake).squeeze(1).float()  # (N,), (N,)
-    loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-    if gp:  # the official code: gp * E[|grad_v D(v)|^2] on real and fake inputs (rdevon/DIM#36)
-        grads = torch.autograd.grad(d_real.sum() + d_fake.sum(), [real, fake], create_graph=True)
-        loss = loss + gp * sum(g.pow(2).sum(1).mean() for g in grads)
-    acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) * 50
-    return loss, acc
-
-
-def prior_encoder_loss(d, y):
-    """Eq. (7), the encoder's side, non-saturating (Goodfellow et al. 2014): max E_P[log D(sigmoid(E(x)))].
-    Only the encoder's optimizer steps on it; D's gradients from it are discarded."""
-    return F.softplus(-d(torch.sigmoid(y.float())).float()).mean()
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Monitoring: weighted kNN on frozen features (k=200, t=0.1, cosine similarity, as moco.py)
+# Appendix B. Monitoring: weighted kNN on frozen features (k=200, t=0.1, cosine similarity, as moco.py)
 # ----------------------------------------------------------------------------------------------------
 # --- shared: knn ---
 @torch.no_grad()
@@ -829,264 +823,304 @@ def knn_monitor(encode, bank_set, test_set, tf, workers, device):
 # --- end shared: knn ---
 
 
-def encoder_for_eval(ckpt, layer):
-    """A dim.py checkpoint dict -> frozen eval-mode module: images -> features of `layer` (conv, fc or y).
-    ckpt['model'] None keeps the random initialisation (the baseline of the same architecture)."""
-    if layer not in TAPS[1:]:
-        raise UserError(f"--layer must be conv, fc or y for a dim.py checkpoint, not {layer!r}")
-    a = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
-    encoder = build_encoder(a.arch, a.image_size, a.y_dim)
-    if ckpt.get("model") is not None:
-        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-        try:
-            encoder.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint does not match --arch {a.arch}: {str(e).splitlines()[0]}")
-    tap = Tap(encoder, layer).eval()
-    for p in tap.parameters():
-        p.requires_grad = False
-    return tap
-
-
 # ----------------------------------------------------------------------------------------------------
-# 6. Training loop
+# Appendix C. Utilities: device, checkpoints, RNG, logging, arguments, and the run loop shared with moco.py
 # ----------------------------------------------------------------------------------------------------
-def check_hparams(args):
-    """Values that make no sense stop here, before any work, in one line (exit 2)."""
-    for bad, msg in [
-        (args.estimator not in ESTIMATORS, f"--estimator must be jsd, nce or dv, not {args.estimator!r}"),
-        (args.critic not in ("dot", "concat"), f"--critic must be dot or concat, not {args.critic!r}"),
-        (args.aug not in ("none", "crop"), f"--aug must be none, crop or auto, not {args.aug!r}"),
-        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
-        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),
-        (args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64,
-         f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}"),
-        (not all(0 <= w < math.inf for w in (args.alpha, args.beta, args.gamma)) or args.alpha + args.beta == 0,
-         "--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)"),
-        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
-        (args.batch_size < 2, "--batch-size must be at least 2 (the negatives come from the other images)"),
-        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
-        (not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
-        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
-        (not 0 <= args.prior_gp < math.inf, f"--prior-gp {args.prior_gp} must be >= 0"),
-        (min(args.y_dim, args.mi_units) < 1, "--y-dim and --mi-units must be >= 1"),
-        (args.local_samples < 0, f"--local-samples {args.local_samples} must be >= 0 (0 = all locations)"),
-        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
-        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
-        (min(args.max_steps, args.save_every, args.knn_every) < 0,
-         "--max-steps, --save-every and --knn-every must be >= 0"),
-    ]:
-        if bad:
-            raise UserError(msg)
+# --- shared: utilities ---
+class UserError(Exception):
+    """An error the user can fix; main() prints it as one line."""
 
 
-def resolve(args):
-    """Fill in the automatic values, so that args.json and the checkpoint hold the numbers actually used."""
-    size = args.image_size or (64 if args.arch == "alex64" else 32)
-    aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
-    return dataclasses.replace(args, image_size=size, aug=aug)
+def setup_device(args):
+    """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed + rank)
+    return device, rank, world
 
 
-def train_step(net, prior, opts, scalers, x, args, amp_dtype):
-    """One step of Eq. (8) on the batch x: the encoder and the MI critics under autocast; the prior discriminator's
-    step (Eq. 7) outside it, in float32, with its own gradient scaler. -> the logged values, detached:
-    (loss, local, global, prior, d_loss, d_acc)."""
-    (opt, opt_prior), (scaler, scaler_prior) = opts, scalers
-    zero = torch.zeros((), device=x.device)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        mi, y = net(x, args.estimator, args.local_samples)  # {'local', 'global'} losses (fp32), Y (N, y_dim)
-    mi_local, mi_global = mi.get("local", zero), mi.get("global", zero)
-    d_loss, d_acc, prior_loss = zero, zero, zero
-    if args.gamma > 0:  # Eq. (7): one discriminator step on this batch's Y, then the encoder's prior loss
-        d_loss, d_acc = prior_d_loss(prior, y, args.prior_gp)
-        opt_prior.zero_grad(set_to_none=True)
-        scaler_prior.scale(d_loss).backward()
-        world = world_info()[1]
-        if world > 1:  # the discriminator is small and outside DDP: average its gradients
-            grads = [p.grad for p in prior.parameters()]
-            for g in grads:
-                dist.all_reduce(g)
-            torch._foreach_div_(grads, world)
-        scaler_prior.step(opt_prior)
-        scaler_prior.update()
-        prior_loss = prior_encoder_loss(prior, y)
-    # Eq. (8): alpha * global + beta * local + gamma * prior (each a loss to minimise)
-    loss = args.alpha * mi_global + args.beta * mi_local + args.gamma * prior_loss
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    return torch.stack([loss, mi_local, mi_global, prior_loss, d_loss, d_acc]).detach().float()
+def world_info():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def train(argv=None):
-    args, given = parse_args(argv)
-    ckpt, path = None, os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        src = path if args.resume == "auto" else args.resume
-        if args.resume != "auto" or os.path.exists(src):
-            ckpt = load_checkpoint(src, "dim")
-            args = Args(**{**ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
-    args = resolve(args)
-    check_hparams(args)
-    device, rank, world = setup_device(args)
-    if args.batch_size % world or args.batch_size // world < 2:
-        raise UserError(f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of "
-                        "2 or more images")
-    log = Logger(args.out, rank == 0)
-    if rank == 0:
-        make_out(args.out)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-        log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
-        if ckpt is None and args.resume == "auto":
-            log(f"note: --resume auto found no {path}; starting fresh")
-
-    train_set, test_set, stats = load_data(args)
-    if len(train_set) == 0:
-        raise UserError("the training set is empty")
-    if args.batch_size > len(train_set):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
-    train_tf, test_tf = transforms(args, stats)
-    # Under torchrun each rank takes batch / world images, and its negatives are the other images of its own
-    # share (not gathered across ranks): the estimators are defined per batch, and the paper's batch is 64.
-    per_rank = args.batch_size // world
-    sampler = EpochSampler(len(train_set), per_rank, args.seed, rank, world)
-    train_loader = loader(Seeded(train_set, train_tf), per_rank, args.workers, sampler, device)
-    hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
-    bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
-    knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
-    gpu = None  # (uint8 images on the device, BatchPrepare) when the batched device path is on
-    if args.gpu_aug == "on" or (args.gpu_aug == "auto" and device.type == "cuda"):
-        images = device_images(train_set, device)
-        if images is not None:
-            gpu = (images[0], BatchPrepare(args.image_size, args.aug, stats))
-        elif args.gpu_aug == "on":
-            log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
-    some = f" ({len(bank_set)} labelled: the kNN bank)" if len(bank_set or train_set) < len(train_set) else ""
-    log(f"data: {len(train_set)} images{some}, " + (f"uint8 on {device}, prepared there in batches" if gpu else
-                                                   f"prepared by the CPU loader with {args.workers} workers"))
-
-    amp_dtype = None
-    if args.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif args.amp:
-        log("note: --amp is ignored on the CPU")
-    encoder = build_encoder(args.arch, args.image_size, args.y_dim)
-    with torch.no_grad():
-        local_shape = encoder.eval()(torch.zeros(2, 3, args.image_size, args.image_size), "local")["local"].shape[1:]
-    model = DIM(encoder.train(), local_shape, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units)
-    prior = prior_discriminator(args.y_dim)
-    model, prior = model.to(device), prior.to(device)
-    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
-    opt = torch.optim.Adam(model.parameters(), **adam)
-    opt_prior = torch.optim.Adam(prior.parameters(), **adam)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    scaler_prior = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # the discriminator's own
-    epoch, pos, step = 0, 0, 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            prior.load_state_dict(ckpt["prior"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint does not match these settings (--arch, --alpha/--beta, --critic): "
-                            f"{str(e).splitlines()[0]}")
-        opt.load_state_dict(ckpt["optimizer"])
-        opt_prior.load_state_dict(ckpt["prior_optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if "prior_scaler" in ckpt:  # (checkpoints before it had one scaler)
-            scaler_prior.load_state_dict(ckpt["prior_scaler"])
-        epoch, pos, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        if not set_rng_state(ckpt["rng"], device):
-            log(f"note: {src} was saved by another number of processes: each rank goes on from its current random "
-                "state (the data order and augmentations do not depend on it)")
-        log(f"resumed from {src} at epoch {epoch} step {step}")
-    if args.compile:
-        model.encoder.compile()
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    if world > 1:  # DDP copies rank 0's model to every rank; the discriminator (outside DDP) likewise
-        for t in prior.state_dict().values():
-            dist.broadcast(t, 0)
-
-    def save(ep, at):
-        rngs = rng_states(device)  # every rank's, so that a resumed run draws what an uninterrupted one would
-        if rank == 0:
-            save_checkpoint({"algo": "dim", "model": model.state_dict(), "prior": prior.state_dict(),
-                             "optimizer": opt.state_dict(), "prior_optimizer": opt_prior.state_dict(),
-                             "scaler": scaler.state_dict(), "prior_scaler": scaler_prior.state_dict(), "epoch": ep,
-                             "step_in_epoch": at, "step": step, "rng": rngs, "args": dataclasses.asdict(args),
-                             "time_s": elapsed()}, path)
-
-    steps_per_epoch = sampler.steps()
-    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
-    names = ["loss", "local", "global", "prior", "d_loss", "d_acc"]
-    t_start, first_loss, last_loss, knn = time.perf_counter(), None, None, None
-    elapsed = lambda: (ckpt or {}).get("time_s", 0.0) + time.perf_counter() - t_start  # all runs of a job
-    while step < total and epoch < args.epochs:
-        sampler.epoch, sampler.skip = epoch, pos
-        model.train()
-        it = train_batches(train_loader, sampler, gpu, device, args.seed, epoch)
-        t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-        while pos < steps_per_epoch and step < total:
-            t0 = time.perf_counter()
-            x = next(it)  # (B, 3, S, S) on the device
-            wait += time.perf_counter() - t0
-            vals = train_step(net, prior, (opt, opt_prior), (scaler, scaler_prior), x, args, amp_dtype)
-            step, pos, seen = step + 1, pos + 1, seen + 1
-            sums = vals if sums is None else sums + vals
-            saving = args.save_every and step % args.save_every == 0
-            if step % args.log_every == 0 or saving or pos == steps_per_epoch or step == total:
-                if world > 1:  # the mean over all ranks, not rank 0's share
-                    dist.all_reduce(sums)
-                    sums /= world
-                m = dict(zip(names, (sums / seen).tolist()))
-                if not math.isfinite(m["loss"]):
-                    raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint ({path}) "
-                                    "is intact (try a lower --lr, --estimator jsd, or without --amp)")
-                dt = time.perf_counter() - t_last
-                first_loss, last_loss = first_loss if first_loss is not None else m["loss"], m["loss"]
-                eta = (time.perf_counter() - t_start) / max(1, step - (ckpt["step"] if ckpt else 0)) * (total - step)
-                log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {m['loss']:.4f} local {m['local']:.4f} "
-                    f"global {m['global']:.4f} prior {m['prior']:.3f} d_acc {m['d_acc']:.1f} lr {args.lr:.4g} "
-                    f"img/s {seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
-                    step=step, epoch=epoch + pos / steps_per_epoch, **m, lr=args.lr,
-                    img_s=seen * args.batch_size / dt, data_wait=wait / dt, time_s=elapsed())
-                t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-            if saving:
-                save(epoch, pos)
-        if pos == steps_per_epoch:
-            epoch, pos = epoch + 1, 0
-            if args.knn_every and epoch % args.knn_every == 0:  # every rank encodes its share
-                knn, knn_s = knn_monitor(Tap(model.encoder, "fc"), bank_set, knn_test, test_tf, args.workers, device)
-                log(f"epoch {epoch} kNN top-1 (fc) {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn,
-                    knn_s=knn_s)
-        save(epoch, pos)
-    loss_txt = "n/a" if first_loss is None else f"{first_loss:.4f} -> {last_loss:.4f}"
-    knn_txt = "off" if knn is None else f"{knn:.2f}"
-    log(f"done: {step} steps in {fmt_time(time.perf_counter() - t_start)}, loss {loss_txt}, "
-        f"kNN top-1 (fc) {knn_txt}, checkpoint {path}")
-    if world > 1:
-        dist.destroy_process_group()
-    return model, prior
+def save_checkpoint(state, path):
+    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-# --- shared: main ---
-def main(argv=None):
+def load_checkpoint(path, algo):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
     try:
-        train(argv)
-    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
-        msg = str(e).strip().splitlines()[-1]
-        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
-    except torch.OutOfMemoryError:
-        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
-# --- end shared: main ---
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
+        found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
+    return ckpt
+
+
+def rng_states(device):
+    """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rank, world = world_info()
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def set_rng_state(states, device):
+    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
+    rank, world = world_info()
+    states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
+    if len(states) != world:
+        return False
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and states[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True
+
+
+class Logger:
+    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out, enabled):
+        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
+
+    def __call__(self, text, **metrics):
+        if self.enabled:
+            print(text, flush=True)
+            if metrics:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def make_out(path):
+    """The output folder, made if missing; a path that cannot be one (a file, no permission) is a one-line error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make the output folder ({e.strerror or e})") from None
+
+
+def parse_args(argv=None):
+    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset", Args.preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return Args(**{**PRESETS[preset], **given}), given
+# --- end shared: utilities ---
+
+
+# --- shared: run ---
+class Run:
+    """The plumbing of one training run, the same in moco.py and dim.py: arguments (a resumed run takes its
+    checkpoint's, then the flags given again), checks before any work, device and torchrun, output folder and
+    log, data, resume, the step loop with logging, checkpoints and the kNN monitor. The script's train() builds
+    the model and hands fit() a function that takes one optimisation step."""
+
+    def __init__(self, argv, algo):
+        args, given = parse_args(argv)
+        self.algo, self.path, self.ckpt, self.src = algo, os.path.join(args.out, "ckpt.pt"), None, None
+        if args.resume:
+            self.src = self.path if args.resume == "auto" else args.resume
+            if args.resume != "auto" or os.path.exists(self.src):
+                self.ckpt = load_checkpoint(self.src, algo)
+                args = Args(**{**self.ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+        self.args = args = resolve(args)
+        check_hparams(args)
+        self.device, self.rank, self.world = setup_device(args)
+        check_args(args, self.world)
+        self.log = Logger(args.out, self.rank == 0)
+        if self.rank == 0:
+            make_out(args.out)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=1)
+            self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+            if self.ckpt is None and args.resume == "auto":
+                self.log(f"note: --resume auto found no {self.path}; starting fresh")
+        self.amp_dtype = None
+        if args.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        elif args.amp:
+            self.log("note: --amp is ignored on the CPU")
+        self.fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    def data(self):
+        """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
+        the kNN monitor's labelled bank and test sets."""
+        args, device = self.args, self.device
+        train_set, test_set, stats = load_data(args)
+        if len(train_set) == 0:
+            raise UserError("the training set is empty")
+        if args.batch_size > len(train_set):
+            raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+        train_tf, self.test_tf = transforms(args, stats)
+        self.sampler = EpochSampler(len(train_set), args.batch_size // self.world, args.seed, self.rank, self.world)
+        self.loader = loader(Seeded(train_set, train_tf), self.sampler.batch, args.workers, self.sampler, device)
+        hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
+        self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
+        self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
+        self.gpu = device_path(train_set, stats, self)  # (uint8 images on the device, prepare, views) or None
+        some = f" ({len(self.bank_set)} labelled: the kNN bank)" if len(self.bank_set or train_set) < len(train_set) \
+            else ""
+        self.log(f"data: {len(train_set)} images{some}, " + (
+            f"uint8 on {device}, augmented there in batches (gpu_aug.py)" if self.gpu else
+            f"augmented by the CPU loader with {args.workers} workers"))
+
+    def batches(self, epoch):
+        """The rest of the epoch's batches on the device: a tensor (B, 3, S, S) or a tuple of views."""
+        if self.gpu is not None:
+            import gpu_aug
+            yield from gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch)
+            return
+        for x, _ in self.loader:
+            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in (x if isinstance(x, list) else [x])]
+            yield tuple(x) if len(x) > 1 else x[0]
+
+    def restore(self, state):
+        """Load the checkpoint into `state` (name -> module, optimizer or scaler) -> (epoch, position, step)."""
+        if self.ckpt is None:
+            return 0, 0, 0
+        for name, obj in state.items():
+            if name not in self.ckpt:  # a key added later (dim.py's prior_scaler): keep the fresh one
+                continue
+            try:
+                obj.load_state_dict(self.ckpt[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise UserError(f"{self.src} does not match these settings ({name}): {str(e).splitlines()[0]}")
+        if not set_rng_state(self.ckpt["rng"], self.device):
+            self.log(f"note: {self.src} was saved by another number of processes: each rank goes on from its current "
+                     "random state (the data order and augmentations do not depend on it)")
+        self.log(f"resumed from {self.src} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}")
+        return self.ckpt["epoch"], self.ckpt["step_in_epoch"], self.ckpt["step"]
+
+    def save(self, state, epoch, pos, step):
+        rngs = rng_states(self.device)  # every rank's, so that a resumed run draws what an uninterrupted one would
+        if self.rank == 0:
+            save_checkpoint({"algo": self.algo, **{k: v.state_dict() for k, v in state.items()}, "epoch": epoch,
+                             "step_in_epoch": pos, "step": step, "rng": rngs, "args": dataclasses.asdict(self.args),
+                             "time_s": self.elapsed()}, self.path)
+
+    def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
+        """The step loop from start = (epoch, position in it, step): step_fn(batch) -> a tensor of the `metrics`
+        (name -> format, None = JSON only), summed on the device and read back only when a line is logged;
+        lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
+        args, log, world = self.args, self.log, self.world
+        epoch, pos, step = start
+        per_epoch = self.sampler.steps()
+        total = min(args.max_steps or math.inf, args.epochs * per_epoch)
+        self.t_start, first, last, knn, done0 = time.perf_counter(), None, None, None, step
+        self.elapsed = lambda: (self.ckpt or {}).get("time_s", 0.0) + time.perf_counter() - self.t_start
+        while step < total and epoch < args.epochs:
+            lr = lr_of(epoch)
+            for m in state.values():  # the kNN monitor left the encoder in eval()
+                if isinstance(m, nn.Module):
+                    m.train()
+            self.sampler.epoch, self.sampler.skip = epoch, pos
+            it = self.batches(epoch)
+            t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+            while pos < per_epoch and step < total:
+                t0 = time.perf_counter()
+                batch = next(it)
+                wait += time.perf_counter() - t0
+                vals = step_fn(batch)  # (len(metrics),), detached, on the device
+                step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
+                saving = args.save_every and step % args.save_every == 0
+                if step % args.log_every == 0 or saving or pos == per_epoch or step == total:
+                    if world > 1:  # the mean over all ranks, not rank 0's share
+                        dist.all_reduce(sums)
+                        sums /= world
+                    m, dt = dict(zip(metrics, (sums / seen).tolist())), time.perf_counter() - t_last
+                    if not math.isfinite(m["loss"]):
+                        raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint "
+                                        f"({self.path}) is intact (try {nan_hint}, or without --amp)")
+                    first, last = first if first is not None else m["loss"], m["loss"]
+                    eta = (time.perf_counter() - self.t_start) / max(1, step - done0) * (total - step)
+                    shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
+                    log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} {shown} lr {lr:.4g} img/s "
+                        f"{seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
+                        step=step, epoch=epoch + pos / per_epoch, **m, lr=lr, img_s=seen * args.batch_size / dt,
+                        data_wait=wait / dt, time_s=self.elapsed())
+                    t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+                if saving:
+                    self.save(state, epoch, pos, step)
+            if pos == per_epoch:
+                epoch, pos = epoch + 1, 0
+                if args.knn_every and epoch % args.knn_every == 0:
+                    knn = self.knn(knn_encoder, knn_name, f"epoch {epoch}", step, epoch)
+            self.save(state, epoch, pos, step)
+        if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
+            knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
+        loss_txt = "n/a" if first is None else f"{first:.4f} -> {last:.4f}"
+        log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
+            f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
+        if world > 1:
+            dist.destroy_process_group()
+
+    def knn(self, encode, name, when, step, epoch):
+        knn, knn_s = knn_monitor(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        self.log(f"{when} kNN top-1{name} {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn, knn_s=knn_s)
+        return knn
+
+
+def device_path(train_set, stats, run):
+    """--gpu-aug: (uint8 images on the device, the script's batched augmentation, views per image), or None for the
+    CPU loader. auto = on for in-memory data on a GPU, and on the CPU for images of at most 64 px (measured faster
+    there, README "Speed"); the plain path needs nothing of gpu_aug.py."""
+    args, device = run.args, run.device
+    if args.gpu_aug == "off":
+        return None
+    images = device_images(train_set, device)
+    small = images is not None and max(images[0].shape[-2:]) <= 64
+    if images is None or args.gpu_aug == "auto" and device.type != "cuda" and not small:
+        if args.gpu_aug == "on":
+            run.log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
+        return None
+    try:
+        import gpu_aug
+    except ImportError:
+        if args.gpu_aug == "on":
+            raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
+        return None
+    return (images[0], *batch_prepare(gpu_aug, args, stats, device))
+# --- end shared: run ---
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import dim
 import eval_linear
+import gpu_aug
 import moco
 from moco import UserError, arg
 
@@ -139,12 +140,12 @@ def run_script(method, argv):
 def supervised(args, seed, out, steps, device):
     """The upper bound: the same basic32 encoder + a linear classifier trained with the labels (cross-entropy),
     SGD lr 0.1 (momentum 0.9, weight decay 5e-4, cosine over the steps), batch 256, random resized crops
-    (scale 0.5-1) and flips drawn by moco.py's BatchAugment. -> (seconds, steps); saves OUT/encoder.pt."""
+    (scale 0.5-1) and flips drawn by gpu_aug.py's BatchAugment. -> (seconds, steps); saves OUT/encoder.pt."""
     torch.manual_seed(seed)
     data = moco.Args(data=args.data, dataset="fashionmnist")
     train_set, _, stats = moco.load_data(data)
     images, labels = moco.device_images(train_set, device)
-    augment = moco.BatchAugment(32, (0.5, 1.0), (0, 0, 0, 0), 0.0, 0.0, 0.0, (), moco.MEAN_STD[stats])
+    augment = gpu_aug.BatchAugment(32, (0.5, 1.0), (0, 0, 0, 0), 0.0, 0.0, 0.0, (), moco.MEAN_STD[stats])
     net = moco.build_encoder("basic32", num_classes=10).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

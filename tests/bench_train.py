@@ -11,7 +11,7 @@ turns both off); a Python loop of out-of-place momentum updates; the notebook's 
 on the host, argsort to undo it); logits = cat(einsum('nc,nc->n'), einsum('nc,ck->nk') against
 queue.clone().detach()) / T and cross_entropy against zeros; enqueue with assert K % B == 0 and
 ptr = int(queue_ptr) (a host sync); loss.item() and top-1/top-5 accuracy every step, as main_moco.py logs.
-Ours: moco.MoCo(..., fused=moco_ext if importable)(return_loss=True) as train() runs it: channels_last and
+Ours: moco.MoCo(..., fused=moco_ext if importable).training_loss + enqueue as train() runs it: channels_last and
 bf16 autocast on CUDA, statistics accumulated on the device. Both use the same encoder (moco.build_encoder
 with the preset's bn_splits), so the ratio measures the step, not the architecture.
 DIM: dim.py's own model (dimL: local JSD, prior matching) fp32 eager against dim.py's --amp (and --compile);
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import gpu_aug  # noqa: E402
 import moco  # noqa: E402
 
 
@@ -155,10 +156,11 @@ def bench_moco(cfg, device, opts):
 
     def our_step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss, acc1, acc5 = model(xq, xk, return_loss=True)
+            loss, acc1, acc5, keys = model.training_loss(xq, xk)
         our_opt.zero_grad(set_to_none=True)
         loss.backward()
         our_opt.step()
+        model.enqueue(keys)
         sums.add_(torch.stack([loss.detach(), acc1, acc5]))
 
     official, ours = side_by_side(official_step, our_step, B, device, cfg["warmup"], cfg["steps"], opts)
@@ -237,7 +239,7 @@ def bench_data(device, batch, workers, n_batches):
     cpu = batch * n_batches / (time.perf_counter() - t)
     del it
     images = moco.device_images(data, device)[0]
-    aug = moco.batch_augment(args, "cifar10", channels_last=device.type == "cuda")
+    aug = moco.batch_prepare(gpu_aug, args, "cifar10", device)[0]
     g = torch.Generator(device)
     idx = torch.randperm(len(data), device=device).view(-1, batch)  # (n_batches + 2, B)
 
@@ -266,7 +268,7 @@ def bench_dim_data(device, batch, workers, n_batches):
     cpu = batch * n_batches / (time.perf_counter() - t)
     del it
     images = dim.device_images(data, device)[0]
-    prepare = dim.BatchPrepare(32, args.aug, "fashionmnist")
+    prepare = gpu_aug.BatchPrepare(32, args.aug, dim.MEAN_STD["fashionmnist"])
     idx = torch.randperm(len(data), device=device).view(-1, batch)  # (n_batches + 2, B)
 
     def step(s=[0]):

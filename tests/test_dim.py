@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dim  # noqa: E402
+import gpu_aug  # noqa: E402
 
 
 def run(script, *argv, check=True):
@@ -55,6 +56,21 @@ def test_estimator_matches_naive_loop(estimator, N, D, L):
     got = dim.local_global_loss(l, glob, estimator)
     assert got.dtype == torch.float64 and got.dim() == 0
     assert abs(got.item() - naive_local_global_loss(l, glob, estimator)) < 1e-10
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_mi_loss_splits_scores_as_the_boolean_mask(n):
+    """mi_loss takes positives and negatives without a boolean mask (which syncs with the host): the same
+    values in the same order as scores[eye] and scores[~eye], exactly."""
+    scores = torch.randn(n, n, 5, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.bool)
+    seen = {}
+    dim.ESTIMATORS["probe"] = lambda pos, neg: seen.update(pos=pos, neg=neg) or pos.sum()
+    try:
+        dim.mi_loss(scores, "probe")
+    finally:
+        del dim.ESTIMATORS["probe"]
+    assert torch.equal(seen["pos"], scores[eye]) and torch.equal(seen["neg"], scores[~eye].reshape(n, -1))
 
 
 def test_estimators_at_zero_scores():
@@ -284,7 +300,7 @@ def test_batch_prepare_matches_the_cpu_transform():
     train, _, stats = dim.load_data(dim.Args())
     x, y = dim.device_images(train, torch.device("cpu"))
     assert x.shape == (8000, 3, 28, 28) and x.dtype == torch.uint8 and y[:5].tolist() == train.labels[:5]
-    out = dim.BatchPrepare(32, "none", stats)(x[:50], torch.Generator())  # (50, 3, 32, 32)
+    out = gpu_aug.BatchPrepare(32, "none", dim.MEAN_STD[stats])(x[:50], torch.Generator())  # (50, 3, 32, 32)
     ref = torch.stack([dim.test_transform(32, stats)(train.get(i)[0]) for i in range(50)])
     err = (out - ref).abs().max().item() * dim.MEAN_STD[stats][1][0] * 255  # in pixel levels
     assert out.shape == ref.shape and 0 < err <= 1.01, err
@@ -295,8 +311,8 @@ def test_batch_prepare_crop_is_a_window_of_the_enlarged_image():
     and flips vary across samples."""
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
-    big = dim.BatchPrepare(48, "none", "cifar10")(x, None)  # (16, 3, 48, 48)
-    out = dim.BatchPrepare(32, "crop", "cifar10")(x, torch.Generator().manual_seed(1))  # (16, 3, 32, 32)
+    big = gpu_aug.BatchPrepare(48, "none", dim.MEAN_STD["cifar10"])(x, None)  # (16, 3, 48, 48)
+    out = gpu_aug.BatchPrepare(32, "crop", dim.MEAN_STD["cifar10"])(x, torch.Generator().manual_seed(1))  # (16, 3, 32, 32)
     found = []
     for n in range(16):
         hits = [(i, j, f) for i in range(17) for j in range(17) for f in (0, 1)
@@ -313,7 +329,7 @@ def test_gpu_aug_on_the_cpu_follows_the_loader_and_resumes_exactly(tmp_path):
     common = ["--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0, "--log-every", 1]
     run("dim.py", "--out", tmp_path / "cpu", "--max-steps", 6, "--gpu-aug", "off", *common)
     p = run("dim.py", "--out", tmp_path / "dev", "--max-steps", 6, "--gpu-aug", "on", *common)
-    assert "uint8 on cpu, prepared there in batches" in p.stdout
+    assert "uint8 on cpu, augmented there in batches" in p.stdout
     curve = [[json.loads(l)["loss"] for l in open(tmp_path / x / "metrics.jsonl") if '"loss"' in l]
              for x in ("cpu", "dev")]
     assert len(curve[0]) == len(curve[1]) == 6
@@ -405,18 +421,3 @@ def test_bad_layer_in_eval_linear(trained):
     """eval_linear.py turns dim.encoder_for_eval's UserError into its one-line error."""
     p = run("eval_linear.py", "--pretrained", trained / "ckpt.pt", "--layer", "backbone", "--workers", 0, check=False)
     assert_user_error(p, "--layer")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The blocks marked "# --- shared: NAME ---" are byte-identical in moco.py and dim.py
-# ---------------------------------------------------------------------------------------------------
-def shared_blocks(path):
-    text = open(path, encoding="utf-8").read()
-    return dict(re.findall(r"(?ms)^# --- shared: ([\w ]+) ---\n(.*?)^# --- end shared: \1 ---$", text))
-
-
-def test_shared_blocks_identical():
-    moco, d = shared_blocks(os.path.join(ROOT, "moco.py")), shared_blocks(os.path.join(ROOT, "dim.py"))
-    assert {"utilities", "data", "knn", "main"} <= set(d) and set(moco) == set(d)
-    for name in d:
-        assert d[name] == moco[name], f"shared block {name!r} differs between moco.py and dim.py"

@@ -533,8 +533,9 @@ def test_moco_fused_step_matches_fallback(device):
         for model, opt in zip((plain, fused), opts):
             torch.manual_seed(100 + step)  # the same shuffle permutation in both
             opt.zero_grad()
-            loss, acc1, acc5 = model(im_q, im_k, return_loss=True)
+            loss, acc1, acc5, keys = model.training_loss(im_q, im_k)
             loss.backward()
+            model.enqueue(keys)
             outs.append((loss.detach(), acc1, acc5,
                          [p.grad.clone() for p in model.encoder_q.parameters()]))
             opt.step()

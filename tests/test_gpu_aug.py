@@ -1,4 +1,4 @@
-"""Tests for the batched augmentation (moco.py's shared 'gpu augment' block) and moco.py --gpu-aug, on the CPU.
+"""Tests for the batched augmentation (gpu_aug.py) and moco.py --gpu-aug, on the CPU.
 References are independent: torchvision's functional ops and RandomResizedCrop.get_params, PIL resizing,
 F.interpolate, and plain indexing."""
 import json
@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import dim
+import gpu_aug
 import moco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,22 +41,27 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def batch_augment(args, stats, channels_last=False):
+    """moco.py's --gpu-aug augmentation for these flags (moco.batch_prepare)."""
+    return gpu_aug.moco_augment(args.aug, args.image_size, args.crop_min, moco.MEAN_STD[stats], channels_last)
+
+
 @pytest.mark.parametrize("aug", ["v1", "v2", "cifar"])
 @pytest.mark.parametrize("hw", [(32, 32), (28, 28), (30, 41)])
 def test_shapes_dtypes_ranges(aug, hw):
     args, _ = moco.parse_args(["--aug", aug, "--image-size", "24"])
-    out = moco.batch_augment(args, "cifar10")(images(6, *hw), gen(0))
+    out = batch_augment(args, "cifar10")(images(6, *hw), gen(0))
     assert out.shape == (6, 3, 24, 24) and out.dtype == torch.float32 and torch.isfinite(out).all()
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in moco.MEAN_STD["cifar10"])
     raw = out * std + mean  # undo the normalisation: pixels in [0, 1]
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
-    last = moco.batch_augment(args, "cifar10", channels_last=True)(images(6, *hw), gen(0))
+    last = batch_augment(args, "cifar10", channels_last=True)(images(6, *hw), gen(0))
     assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, out)
 
 
 def test_same_seed_same_views_other_seed_other_views():
     args, _ = moco.parse_args(["--aug", "v2", "--image-size", "32"])
-    aug, x = moco.batch_augment(args, "imagenet"), images(16)
+    aug, x = batch_augment(args, "imagenet"), images(16)
     a, b, c = aug(x, gen(3)), aug(x, gen(3)), aug(x, gen(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     g = gen(3)
@@ -64,7 +72,7 @@ def test_same_seed_same_views_other_seed_other_views():
 @pytest.mark.parametrize("hw", [(28, 28), (32, 32), (40, 40)])
 def test_full_crop_without_flip_or_colour_is_a_plain_resize(hw):
     x = images(4, *hw)
-    out = moco.BatchAugment(32, scale=(1.0, 1.0), **PLAIN)(x, gen(0))
+    out = gpu_aug.BatchAugment(32, scale=(1.0, 1.0), **PLAIN)(x, gen(0))
     ref = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.allclose(out, ref, atol=1e-5)
     if hw[0] <= 32:  # enlarging: PIL's bilinear filter is the same interpolation, up to its uint8 rounding
@@ -76,19 +84,19 @@ def test_full_crop_without_flip_or_colour_is_a_plain_resize(hw):
 
 def test_flip_flips():
     x = images(8)
-    keep = moco.BatchAugment(32, scale=(0.3, 1.0), **PLAIN)(x, gen(1))
-    flipped = moco.BatchAugment(32, scale=(0.3, 1.0), **{**PLAIN, "flip_p": 1.0})(x, gen(1))
+    keep = gpu_aug.BatchAugment(32, scale=(0.3, 1.0), **PLAIN)(x, gen(1))
+    flipped = gpu_aug.BatchAugment(32, scale=(0.3, 1.0), **{**PLAIN, "flip_p": 1.0})(x, gen(1))
     assert torch.allclose(flipped, keep.flip(-1), atol=1e-5)
-    half = moco.BatchAugment(32, scale=(1.0, 1.0), **{**PLAIN, "flip_p": 0.5})(images(400, 8, 8), gen(2))
-    ref = moco.BatchAugment(32, scale=(1.0, 1.0), **PLAIN)(images(400, 8, 8), gen(2))
+    half = gpu_aug.BatchAugment(32, scale=(1.0, 1.0), **{**PLAIN, "flip_p": 0.5})(images(400, 8, 8), gen(2))
+    ref = gpu_aug.BatchAugment(32, scale=(1.0, 1.0), **PLAIN)(images(400, 8, 8), gen(2))
     share = (~torch.isclose(half, ref, atol=1e-5).flatten(1).all(1)).float().mean().item()
     assert 0.4 < share < 0.6
 
 
 def test_greyscale_gives_equal_channels_at_rate_p():
-    out = moco.BatchAugment(32, **{**PLAIN, "grey_p": 1.0})(images(8), gen(0))
+    out = gpu_aug.BatchAugment(32, **{**PLAIN, "grey_p": 1.0})(images(8), gen(0))
     assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
-    out = moco.BatchAugment(32, **{**PLAIN, "grey_p": 0.2})(images(1000, 8, 8), gen(0))
+    out = gpu_aug.BatchAugment(32, **{**PLAIN, "grey_p": 0.2})(images(1000, 8, 8), gen(0))
     grey = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
     assert 0.15 < grey.float().mean().item() < 0.25
 
@@ -107,7 +115,7 @@ def test_crop_matches_torchvision_resized_crop(flip):
     x = images(B, H, W, seed=3)
     u = lambda *shape, lo=0.0, hi=1.0: next(draws)  # the drawn values themselves, in the order _crop_flip asks
 
-    aug = moco.BatchAugment(S, scale=(0.0, 1.0), **{**PLAIN, "flip_p": 0.5})
+    aug = gpu_aug.BatchAugment(S, scale=(0.0, 1.0), **{**PLAIN, "flip_p": 0.5})
     got = aug._crop_flip(x, u)  # (B, 3, S, S)
     for i, (t, l, bh, bw) in enumerate(boxes):
         pil = TF.resized_crop(Image.fromarray(x[i].permute(1, 2, 0).numpy()), t, l, bh, bw, [S, S])
@@ -121,7 +129,7 @@ def test_crop_boxes_follow_torchvision_get_params():
     n, H, W, S = 2000, 64, 48, 16
     col, row = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")[::-1]
     x = torch.stack([col, row, torch.zeros_like(col)]).to(torch.uint8).expand(n, 3, H, W)
-    out = moco.BatchAugment(S, scale=(0.2, 1.0), **PLAIN)(x, gen(0)) * 255  # (n, 3, S, S)
+    out = gpu_aug.BatchAugment(S, scale=(0.2, 1.0), **PLAIN)(x, gen(0)) * 255  # (n, 3, S, S)
     # output pixel centre p maps to left + (p + 0.5) w / S - 0.5: the first and last centres are (S - 1) w / S apart
     w = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) * S / (S - 1)
     h = (out[:, 1, -1, 0] - out[:, 1, 0, 0]) * S / (S - 1)
@@ -141,7 +149,7 @@ def test_crop_boxes_follow_torchvision_get_params():
 
 def test_colour_steps_match_torchvision_functional():
     y = images(6).float() / 255
-    aug = moco.BatchAugment(32)
+    aug = gpu_aug.BatchAugment(32)
     f = torch.tensor([0.6, 0.9, 1.1, 1.4, 1.0, 1.25])
     one = torch.ones(6)
     for step, ref in enumerate([TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]):
@@ -160,7 +168,7 @@ def test_colour_steps_match_torchvision_functional():
 def test_jitter_statistics():
     """Brightness alone on mid-grey images: the factor out/in is U[0.6, 1.4] for a share jitter_p of samples."""
     x = torch.full((2000, 3, 8, 8), 100, dtype=torch.uint8)
-    aug = moco.BatchAugment(8, scale=(1.0, 1.0), jitter=(0.4, 0.0, 0.0, 0.0), jitter_p=0.8, grey_p=0.0, flip_p=0.0,
+    aug = gpu_aug.BatchAugment(8, scale=(1.0, 1.0), jitter=(0.4, 0.0, 0.0, 0.0), jitter_p=0.8, grey_p=0.0, flip_p=0.0,
                             mean_std=((0.0,) * 3, (1.0,) * 3))
     factor = aug(x, gen(0)).mean((1, 2, 3)) / (100 / 255)  # (2000,)
     changed = (factor - 1).abs() > 1e-6
@@ -174,7 +182,7 @@ def test_colour_order_is_random_per_sample():
     """Contrast then brightness differs from brightness then contrast once clamping bites: with the same factors,
     different samples of one batch must show both orders."""
     x = images(1, 16, 16).expand(400, 3, 16, 16)
-    aug = moco.BatchAugment(16, scale=(1.0, 1.0), jitter=(0.4, 0.4, 0.0, 0.0), jitter_p=1.0, grey_p=0.0, flip_p=0.0,
+    aug = gpu_aug.BatchAugment(16, scale=(1.0, 1.0), jitter=(0.4, 0.4, 0.0, 0.0), jitter_p=1.0, grey_p=0.0, flip_p=0.0,
                             mean_std=((0.0,) * 3, (1.0,) * 3))
     g = gen(0)
     out = aug(x, g)
@@ -192,7 +200,7 @@ def test_colour_order_is_random_per_sample():
 
 def test_blur_is_a_gaussian():
     y = images(2, 40, 40).float() / 255
-    aug = moco.BatchAugment(40, blur_sigma=(1.5, 1.5))
+    aug = gpu_aug.BatchAugment(40, blur_sigma=(1.5, 1.5))
     got = aug._blur(y, torch.tensor([True, False]), torch.tensor([1.5, 1.5]))
     r = math.ceil(3 * 1.5)
     want = TF.gaussian_blur(y[0], [2 * r + 1] * 2, [1.5, 1.5])  # reflect padding: compare the interior only
@@ -230,17 +238,17 @@ def test_device_images_from_every_in_memory_layout(image_folder):
     assert moco.device_images(moco.FolderData(image_folder), torch.device("cpu")) is None
 
 
-def test_view_pairs_follow_the_epoch_sampler_and_resume():
+def test_device_batches_follow_the_epoch_sampler_and_resume():
     x = images(40, 8, 8)
     sampler = moco.EpochSampler(40, 8, seed=3)
     sampler.epoch = 2
     order = torch.tensor([i for i, _ in sampler]).view(-1, 8)  # (5, 8)
-    got = list(moco.view_pairs(None, sampler, (x, lambda b, g: b), torch.device("cpu"), None, 3, 2))
+    got = list(gpu_aug.batches(x, lambda b, g: b, 2, sampler, 3, 2))
     assert len(got) == 5 and all(torch.equal(q, x[o]) and torch.equal(k, x[o]) for (q, k), o in zip(got, order))
-    aug = moco.BatchAugment(8)
-    full = list(moco.view_pairs(None, sampler, (x, aug), torch.device("cpu"), None, 3, 2))
+    aug = gpu_aug.BatchAugment(8)
+    full = list(gpu_aug.batches(x, aug, 2, sampler, 3, 2))
     sampler.skip = 3  # resumed at step 3 of the epoch: the same last two pairs
-    tail = list(moco.view_pairs(None, sampler, (x, aug), torch.device("cpu"), None, 3, 2))
+    tail = list(gpu_aug.batches(x, aug, 2, sampler, 3, 2))
     assert len(tail) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], tail))
     assert not torch.equal(full[0][0], full[0][1])  # two different views of each image
 
@@ -274,9 +282,24 @@ def test_script_with_gpu_aug_runs_and_resumes_exactly(tmp_path, capsys):
     assert [m["loss"] for m in la] == [m["loss"] for m in lb]
 
 
-def test_gpu_aug_auto_is_off_on_cpu_and_bad_value_is_a_user_error(tmp_path, capsys):
+@pytest.mark.parametrize("script", [moco, dim])
+@pytest.mark.parametrize("side,mode,device_path", [(28, "auto", True), (65, "auto", False), (96, "auto", False),
+                                                    (96, "on", True), (28, "off", False)])
+def test_gpu_aug_auto_on_cpu_takes_the_device_path_for_small_images_only(script, side, mode, device_path):
+    """--gpu-aug auto on the CPU: in-memory images of at most 64 px are augmented in batches (measured faster,
+    README "Speed"), larger ones by the CPU loader; on and off force either."""
+    ds = script.ArrayData(np.zeros((8, side, side), dtype=np.uint8), [0] * 8)
+    args = script.Args(gpu_aug=mode, image_size=32, **({"aug": "none"} if script is dim else {}))
+    run = SimpleNamespace(args=args, device=torch.device("cpu"), log=print)
+    got = script.device_path(ds, "fashionmnist", run)
+    assert (got is not None) == device_path
+    if got is not None:
+        assert got[0].shape == (8, 3, side, side) and got[2] == (2 if script is moco else 1)
+
+
+def test_gpu_aug_auto_on_the_builtin_data_and_bad_value_is_a_user_error(tmp_path, capsys):
     moco.main(TINY[:-1] + ["auto", "--out", str(tmp_path / "o"), "--max-steps", "1"])
-    assert "augmented by the CPU loader" in capsys.readouterr().out
+    assert "uint8 on cpu, augmented there in batches" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         moco.main(TINY[:-1] + ["maybe", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "--gpu-aug must be" in capsys.readouterr().err
@@ -285,7 +308,7 @@ def test_gpu_aug_auto_is_off_on_cpu_and_bad_value_is_a_user_error(tmp_path, caps
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_views_are_reproducible_and_never_sync_with_the_host():
     args, _ = moco.parse_args(["--aug", "v2", "--image-size", "32"])
-    aug, x = moco.batch_augment(args, "imagenet", channels_last=True), images(64).cuda()
+    aug, x = batch_augment(args, "imagenet", channels_last=True), images(64).cuda()
     aug(x, torch.Generator("cuda").manual_seed(0))  # the constants are made once, here
     torch.cuda.set_sync_debug_mode("error")
     try:

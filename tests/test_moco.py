@@ -83,8 +83,18 @@ def test_momentum_update(m):
         assert not pk.requires_grad
 
 
+def test_shuffle_is_skipped_only_where_it_changes_nothing():
+    """One process, one BN group: a permutation of the batch changes no statistic, so no shuffle (and no
+    index to undo); with split BN the keys are shuffled."""
+    x = torch.randn(12, 3, 2, 2)
+    same, idx_un = tiny_model()._batch_shuffle(x)
+    assert same is x and idx_un is None
+    shuffled, idx_un = tiny_model(bn_splits=2)._batch_shuffle(x)
+    assert idx_un is not None and not torch.equal(shuffled, x)
+
+
 def test_shuffle_then_unshuffle_is_identity():
-    model = tiny_model()
+    model = tiny_model(bn_splits=2)
     x = torch.randn(12, 3, 2, 2)
     shuffled, idx_un = model._batch_shuffle(x)
     assert not torch.equal(shuffled, x)
@@ -127,14 +137,15 @@ def test_split_batchnorm_equals_separate_groups(shape):
 
 
 def test_forward_official_and_training_step_agree():
-    """forward() returns the official (logits, labels); return_loss=True gives the same loss and the queue
-    ends up the same (fp64-free check on a tiny encoder, identical seeds)."""
+    """forward() returns the official (logits, labels); training_loss() + enqueue() give the same loss and the
+    queue ends up the same (fp64-free check on a tiny encoder, identical seeds)."""
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     a, b = tiny_model(), tiny_model()
     torch.manual_seed(1)
     logits, labels = a(x1, x2)
     torch.manual_seed(1)
-    loss, acc1, acc5 = b(x1, x2, return_loss=True)
+    loss, acc1, acc5, keys = b.training_loss(x1, x2)
+    b.enqueue(keys)
     assert logits.shape == (8, 1 + 24) and torch.equal(labels, torch.zeros(8, dtype=torch.long))
     assert torch.allclose(F.cross_entropy(logits, labels), loss, atol=1e-6)
     top5 = logits.topk(5, dim=1).indices
@@ -184,20 +195,21 @@ def test_float64_model_matches_the_official_builder_step_by_step():
 def test_symmetric_loss_enqueues_both_key_sets():
     model = tiny_model(K=40, symmetric=True)
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    loss, _, _ = model(x1, x2, return_loss=True)
-    assert model.queue_ptr.item() == 16
+    loss, _, _, keys = model.training_loss(x1, x2)
+    model.enqueue(keys)
+    assert len(keys) == 16 and model.queue_ptr.item() == 16
     # loss_12 + loss_21 (the notebook): with identical views both halves are equal
     model2 = tiny_model(K=40, symmetric=True)
-    loss_same, _, _ = model2(x1, x1.clone(), return_loss=True)
+    loss_same = model2.training_loss(x1, x1.clone())[0]
     ref = tiny_model(K=40)
-    loss_one, _, _ = ref(x1, x1.clone(), return_loss=True)
+    loss_one = ref.training_loss(x1, x1.clone())[0]
     assert torch.allclose(loss_same, 2 * loss_one, atol=1e-5)
     assert torch.isfinite(loss)
 
 
 def test_no_gradient_reaches_key_encoder_or_queue():
     model = tiny_model()
-    loss, _, _ = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), return_loss=True)
+    loss = model.training_loss(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))[0]
     loss.backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
@@ -268,10 +280,11 @@ def test_learning_lowers_held_out_loss():
                           weight_decay=5e-4)
     before = held_out_loss()
     for step in range(40):
-        loss, _, _ = model(*views(train, range(32 * step, 32 * step + 32)), return_loss=True)
+        loss, _, _, keys = model.training_loss(*views(train, range(32 * step, 32 * step + 32)))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        model.enqueue(keys)
     after = held_out_loss()
     assert after < before - 0.2, (before, after)
 
