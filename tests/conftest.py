@@ -6,6 +6,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run of a script (8-45 s each here); "
+                                       "`pytest -m 'not slow'` is the quick subset")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

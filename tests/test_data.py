@@ -154,6 +154,7 @@ def moco_knn_one_process(ckpt_path, data):
                              torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_knn_monitor_is_shared_by_two_ranks(train_val_folder, tmp_path):
     """2 ranks (gloo): each encodes its contiguous half of the bank (108) and of the test set (90); the logged kNN
     top-1 (after the last epoch, i.e. on the checkpoint's weights, with rank 0's BN statistics) equals one

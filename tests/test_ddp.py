@@ -48,6 +48,7 @@ def test_two_ranks_stay_identical(ddp_run):
     assert ck["step"] == 6 and torch.equal(ck["model"]["queue"], r0["queue"])
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_equals_uninterrupted(ddp_run, tmp_path, image_folder):
     """kill -9 of the whole torchrun job once a checkpoint of step >= 2 exists, then --resume auto: the final
     checkpoint equals the uninterrupted run's, and no ckpt.pt was ever unreadable."""
@@ -93,6 +94,7 @@ def test_two_ranks_match_one_process_with_split_bn(tmp_path, monkeypatch):
     assert torch.allclose(model.queue, ref["queue"], atol=1e-5) and model.queue_ptr.item() == ref["ptr"].item() == 16
 
 
+@pytest.mark.slow
 def test_eval_linear_two_ranks_match_one(tmp_path, capsys):
     """eval_linear.py under torchrun (feature extraction sharded, then gathered in order) gives the accuracy
     of one process."""
@@ -114,6 +116,7 @@ def test_eval_linear_two_ranks_match_one(tmp_path, capsys):
     assert abs(one["top1"] - two["top1"]) <= 0.1 and abs(one["knn_top1"] - two["knn_top1"]) <= 0.1, (one, two)
 
 
+@pytest.mark.slow
 def test_dim_two_ranks_stay_identical(tmp_path, image_folder):
     """dim.py (local + global + prior) under torchrun: both ranks end with the same encoder, critics and
     prior discriminator (whose gradients are averaged by hand, outside DDP); rank 0 saves."""
@@ -135,6 +138,7 @@ def test_dim_two_ranks_stay_identical(tmp_path, image_folder):
                 assert torch.equal(v, r0[f"{part}.{k}"]), k
 
 
+@pytest.mark.slow
 def test_one_process_and_two_train_the_same_model(tmp_path, image_folder):
     """The same flags on 1 process and on 2 (--bn-splits 2 = 2 batch-norm groups of the global batch 32: one
     per rank, or both on one process): after 3 steps the same weights and queue up to float rounding. This holds
@@ -159,6 +163,7 @@ def test_one_process_and_two_train_the_same_model(tmp_path, image_folder):
             assert not torch.allclose(v, init[k], atol=1e-3), k  # the weights did move in 3 steps
 
 
+@pytest.mark.slow
 def test_dim_killed_and_resumed_equals_uninterrupted_on_two_ranks(tmp_path, image_folder):
     """dim.py on 2 ranks (local + global + prior, a random subset of locations): 3 steps, stop, resume to 6 ==
     6 straight. Each rank draws its own prior samples and location subsets, so each rank's random state must

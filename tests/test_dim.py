@@ -242,6 +242,7 @@ def probe(ckpt, layer, *extra):
 
 
 @pytest.mark.parametrize("layer", ["conv", "fc", "y"])
+@pytest.mark.slow
 def test_end_to_end_eval_linear(trained, layer):
     res = probe(str(trained / "ckpt.pt"), layer, *(["--random-init"] if layer == "y" else []))
     assert res["feature_dim"] == {"conv": 256 * 4 * 4, "fc": 1024, "y": 64}[layer]
@@ -276,6 +277,7 @@ def tensors(obj, prefix=""):
             yield from tensors(v, f"{prefix}.{k}")
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     common = ["--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0, "--gamma", 0.1,
               "--local-samples", 16]
@@ -323,6 +325,7 @@ def test_batch_prepare_crop_is_a_window_of_the_enlarged_image():
     assert len(set(found)) > 8 and {f for _, _, f in found} == {0, 1}
 
 
+@pytest.mark.slow
 def test_gpu_aug_on_the_cpu_follows_the_loader_and_resumes_exactly(tmp_path):
     """dim.py --gpu-aug on (built-in data, no augmentation at 32 px): the loss curve of the CPU loader to within
     the uint8 rounding of the resize, and 6 steps straight == 3 steps, stop, resume to 6 (torch.equal)."""
@@ -356,6 +359,7 @@ def assert_user_error(p, pattern):
     assert len(lines) == 1 and lines[0].startswith("error:") and re.search(pattern, lines[0]), p.stderr
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path):
     quick = ["--out", tmp_path / "o", "--workers", 0, "--knn-every", 0]
     assert_user_error(run("dim.py", "--data", tmp_path / "missing", *quick, check=False), "no such folder")
@@ -406,6 +410,7 @@ def test_nonsense_hyperparameters_stop_before_any_work(argv, message, tmp_path, 
     assert cap.err.count("\n") == 1 and not out.exists() and "data:" not in cap.out
 
 
+@pytest.mark.slow
 def test_eval_linear_checks_flags_before_the_work(trained, tmp_path):
     """A bad --out or --aug stops eval_linear.py in one line before feature extraction (no "features:" line)."""
     bad_out = "--out .*not a writable file"

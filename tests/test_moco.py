@@ -289,6 +289,7 @@ def test_learning_lowers_held_out_loss():
     assert after < before - 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_end_to_end_then_eval_linear(tmp_path):
     """The real command line: moco.py on an image folder, then eval_linear.py on its checkpoint."""
     out = str(tmp_path / "run")
@@ -323,6 +324,7 @@ def run_moco(argv, workers):
     return code.stdout
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_is_exact(tmp_path, image_folder):
     """120 images, batch 32: 3 steps per epoch. 8 steps straight == 4 steps, stop, resume to 8 (mid-epoch,
     across an epoch end, with a different number of data workers)."""

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import moco  # noqa: E402
@@ -11,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import write_idx  # noqa: E402
 
 
+@pytest.mark.slow
 def test_study_runs_end_to_end(tmp_path):
     x = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
     y = moco.read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))
