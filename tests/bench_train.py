@@ -4,6 +4,7 @@ on synthetic data already on the device; then the data path (BatchAugment agains
     python tests/bench_train.py               # the GPU configurations (needs CUDA)
     python tests/bench_train.py --quick       # small sizes on the CPU, a couple of minutes
     python tests/bench_train.py --compile     # ours also with torch.compile on the encoders
+    python tests/bench_train.py --whole-run   # `python moco.py` end to end against a plain loop of its recipe
 
 Official (re-created from facebookresearch/moco moco/builder.py, main_moco.py and the CIFAR notebook, not
 copied): fp32, eager, NCHW-contiguous, PyTorch's default TF32 settings (cuDNN on, matmul off; --strict-fp32
@@ -22,6 +23,7 @@ bf16 rate (--peak-tflops; 989 for H100/H200 SXM).
 """
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
@@ -277,6 +279,103 @@ def bench_dim_data(device, batch, workers, n_batches):
     return cpu, timed(step, batch, device, 2, n_batches)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The whole default run against a plain loop of the same recipe (--whole-run)
+# ----------------------------------------------------------------------------------------------------
+def plain_loop(epochs, workers):
+    """`python moco.py`'s recipe (preset small: basic32 with 8 BN groups, batch 256, K 4096, m 0.99, T 0.1, SGD lr
+    0.06 cosine, the CIFAR notebook's augmentation, kNN after every epoch) written as a plain loop in the style of
+    lightly's MoCo example: torchvision transforms in a DataLoader, a deep-copied key encoder, the notebook's
+    shuffle, cat-and-cross-entropy logits, a kNN pass with plain DataLoaders. -> the last kNN top-1."""
+    import copy
+    import torchvision.transforms as T
+    a = moco.Args(**moco.PRESETS["small"])
+    train_set, test_set, stats = moco.load_data(a)
+    norm = T.Normalize(*moco.MEAN_STD[stats])
+    aug = T.Compose([T.RandomResizedCrop(32, scale=(a.crop_min, 1.0)), T.RandomHorizontalFlip(),
+                     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+                     T.ToTensor(), norm])
+    plain = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), norm])
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, ds, tf, pair):
+            self.ds, self.tf, self.pair = ds, tf, pair
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            img, y = self.ds.get(i)
+            return ((self.tf(img), self.tf(img)) if self.pair else self.tf(img)), y
+
+    dl = torch.utils.data.DataLoader(Pairs(train_set, aug, True), batch_size=a.batch_size, shuffle=True,
+                                     num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    q_enc = moco.build_encoder(a.arch, a.stem, a.bn_splits, num_classes=a.moco_dim)
+    k_enc = copy.deepcopy(q_enc).requires_grad_(False)
+    queue = F.normalize(torch.randn(a.moco_dim, a.moco_k), dim=0)
+    ptr = 0
+    opt = torch.optim.SGD(q_enc.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.wd)
+    knn = None
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * epoch / a.epochs))
+        q_enc.train()
+        k_enc.train()
+        for (x_q, x_k), _ in dl:
+            q = F.normalize(q_enc(x_q), dim=1)  # (B, C)
+            with torch.no_grad():
+                for pq, pk in zip(q_enc.parameters(), k_enc.parameters()):
+                    pk.mul_(a.moco_m).add_(pq.detach(), alpha=1 - a.moco_m)
+                perm = torch.randperm(len(x_k))
+                k = F.normalize(k_enc(x_k[perm]), dim=1)[torch.argsort(perm)]  # (B, C)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.clone().detach()], 1) / a.moco_t
+            loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            queue[:, ptr:ptr + len(k)] = k.T
+            ptr = (ptr + len(k)) % a.moco_k
+        q_enc.eval()
+        feats = []
+        with torch.no_grad():
+            for ds in (train_set, test_set):
+                f, y = [], []
+                for x, t in torch.utils.data.DataLoader(Pairs(ds, plain, False), batch_size=512, num_workers=workers):
+                    f.append(F.normalize(q_enc(x), dim=1))
+                    y.append(t)
+                feats.append((torch.cat(f), torch.cat(y)))
+        knn = moco.knn_top1(*feats[0], *feats[1])
+        print(f"plain loop: epoch {epoch + 1} kNN top-1 {knn:.2f}", flush=True)
+    return knn
+
+
+def whole_run(opts):
+    """Wall-clock of whole processes, taken in turn: the plain loop, `python moco.py` as the README types it,
+    and `python moco.py --gpu-aug off` (the CPU loader). Prints each one's best time and the ratios."""
+    import subprocess
+    import tempfile
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads if opts.threads > 0 else os.cpu_count()))
+    cmds = {"plain loop": [sys.executable, os.path.abspath(__file__), "--plain-loop", "--epochs", str(opts.epochs)],
+            "python moco.py": [sys.executable, os.path.join(ROOT, "moco.py"), "--epochs", str(opts.epochs)],
+            "moco.py --gpu-aug off": [sys.executable, os.path.join(ROOT, "moco.py"), "--epochs", str(opts.epochs),
+                                      "--gpu-aug", "off"]}
+    times = {k: [] for k in cmds}
+    for _ in range(opts.rounds):
+        for name, cmd in cmds.items():
+            with tempfile.TemporaryDirectory() as out:
+                t0 = time.perf_counter()
+                p = subprocess.run(cmd + ([] if name == "plain loop" else ["--out", out]), capture_output=True,
+                                   text=True, env=env, cwd=ROOT)
+                times[name].append(time.perf_counter() - t0)
+            if p.returncode:
+                raise SystemExit(f"{name} failed:\n{p.stderr[-2000:]}")
+            last = [line for line in p.stdout.splitlines() if "kNN top-1" in line][-1]
+            print(f"{name:24s} {times[name][-1]:7.1f} s   {last.strip()}", flush=True)
+    base = min(times["plain loop"])
+    for name, t in times.items():
+        print(f"whole run, {opts.epochs} epochs: {name:24s} best {min(t):7.1f} s  plain loop / this {base / min(t):.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes on the CPU")
@@ -288,7 +387,17 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="alternate official and ours this many times, keep the best")
     p.add_argument("--workers", type=int, default=-1, help="CPU loader workers (default 2 quick, 8 GPU)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 TFLOP/s of the chip (0 = guess)")
+    p.add_argument("--whole-run", action="store_true",
+                   help="time the whole default `python moco.py` against a plain loop of the same recipe")
+    p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)  # one run of the baseline
+    p.add_argument("--epochs", type=int, default=5, help="epochs of --whole-run (the preset's 5)")
     opts = p.parse_args()
+    if opts.plain_loop:
+        plain_loop(opts.epochs, opts.workers if opts.workers >= 0 else 2)
+        return
+    if opts.whole_run:
+        whole_run(opts)
+        return
     cuda = torch.cuda.is_available() and not opts.quick
     if not cuda and not opts.quick:
         print("no CUDA GPU visible: running --quick")
