@@ -1011,7 +1011,8 @@ class Run:
             yield from gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch)
             return
         for x, _ in self.loader:
-            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in (x if isinstance(x, list) else [x])]
+            x = x if isinstance(x, list) else [x]
+            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in x]
             yield tuple(x) if len(x) > 1 else x[0]
 
     def restore(self, state):

@@ -39,8 +39,9 @@ def moco_augment(aug, size, crop_min, mean_std, channels_last=False):
 
 
 class BatchAugment:
-    """moco.py's batched twin of its transforms(args, stats): random resized crop, horizontal flip, colour jitter, greyscale, Gaussian blur and normalisation for a
-    uint8 batch on any device, every random number drawn from one torch.Generator (reproducible, resumable).
+    """moco.py's batched twin of its transforms(args, stats): random resized crop, horizontal flip, colour
+    jitter, greyscale, Gaussian blur and normalisation for a uint8 batch on any device, every random number
+    drawn from one torch.Generator (reproducible, resumable).
     Per sample, as torchvision: crop (scale, ratio 3/4-4/3, 10 tries then the centre crop), flip p=0.5,
     jitter factors b, c, s ~ U[1-x, 1+x], hue ~ U[-h, h] in a random order per sample with probability
     jitter_p, greyscale (0.2989 R + 0.587 G + 0.114 B) with grey_p, blur sigma ~ U[0.1, 2] px with blur_p.
@@ -181,9 +182,9 @@ class BatchAugment:
 
 
 class BatchPrepare:
-    """dim.py's batched twin of its transforms(args, stats) for uint8 images on any device (--gpu-aug): resize the shorter
-    side (bilinear, antialiased when shrinking) and centre-crop; with `crop`, resize to 1.5x the size, then a
-    random crop and a horizontal flip (p=0.5) per sample from the generator; normalise.
+    """dim.py's batched twin of its transforms(args, stats) for uint8 images on any device (--gpu-aug): resize
+    the shorter side (bilinear, antialiased when shrinking) and centre-crop; with `crop`, resize to 1.5x the
+    size, then a random crop and a horizontal flip (p=0.5) per sample from the generator; normalise.
     NOTE(deviation): float arithmetic throughout (PIL rounds the resized image to uint8): values differ from the
     CPU loader's by up to ~1/255 before normalisation."""
 

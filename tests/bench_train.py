@@ -373,7 +373,8 @@ def whole_run(opts):
             print(f"{name:24s} {times[name][-1]:7.1f} s   {last.strip()}", flush=True)
     base = min(times["plain loop"])
     for name, t in times.items():
-        print(f"whole run, {opts.epochs} epochs: {name:24s} best {min(t):7.1f} s  plain loop / this {base / min(t):.2f}x")
+        print(f"whole run, {opts.epochs} epochs: {name:24s} best {min(t):7.1f} s  "
+              f"plain loop / this {base / min(t):.2f}x")
 
 
 def main():
