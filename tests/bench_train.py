@@ -318,7 +318,7 @@ def plain_loop(epochs, workers):
     knn = None
     for epoch in range(epochs):
         for g in opt.param_groups:
-            g["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * epoch / a.epochs))
+            g["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))  # as moco.py --epochs E
         q_enc.train()
         k_enc.train()
         for (x_q, x_k), _ in dl:
