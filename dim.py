@@ -417,7 +417,7 @@ def train(argv=None):
         for t in prior.state_dict().values():
             dist.broadcast(t, 0)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run.fit(lambda x: train_step(net, prior, opts, scalers, x, args, run.amp_dtype), state, start,
+    run.fit(lambda x, _: train_step(net, prior, opts, scalers, x, args, run.amp_dtype), state, start,
             {"loss": ".4f", "local": ".4f", "global": ".4f", "prior": ".3f", "d_loss": None, "d_acc": ".1f"},
             lambda epoch: args.lr, Tap(model.encoder, "fc"), " (fc)", "a lower --lr, --estimator jsd")
     return model, prior
@@ -1005,15 +1005,17 @@ class Run:
             f"augmented by the CPU loader with {args.workers} workers"))
 
     def batches(self, epoch):
-        """The rest of the epoch's batches on the device: a tensor (B, 3, S, S) or a tuple of views."""
+        """The rest of the epoch's batches on the device: (a tensor (B, 3, S, S) or a tuple of views, the images'
+        indices in the training set (B,))."""
+        idx = torch.tensor([i for i, _ in self.sampler], device=self.device).view(-1, self.sampler.batch)
         if self.gpu is not None:
             import gpu_aug
-            yield from gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch)
+            yield from zip(gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch), idx)
             return
-        for x, _ in self.loader:
+        for (x, _), i in zip(self.loader, idx):
             x = x if isinstance(x, list) else [x]
             x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in x]
-            yield tuple(x) if len(x) > 1 else x[0]
+            yield tuple(x) if len(x) > 1 else x[0], i
 
     def restore(self, state):
         """Load the checkpoint into `state` (name -> module, optimizer or scaler) -> (epoch, position, step)."""
@@ -1040,9 +1042,9 @@ class Run:
                              "time_s": self.elapsed()}, self.path)
 
     def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
-        """The step loop from start = (epoch, position in it, step): step_fn(batch) -> a tensor of the `metrics`
-        (name -> format, None = JSON only), summed on the device and read back only when a line is logged;
-        lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
+        """The step loop from start = (epoch, position in it, step): step_fn(batch, the images' indices) -> a tensor
+        of the `metrics` (name -> format, None = JSON only), summed on the device and read back only when a line is
+        logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
         args, log, world = self.args, self.log, self.world
         epoch, pos, step = start
         per_epoch = self.sampler.steps()
@@ -1059,9 +1061,9 @@ class Run:
             t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
             while pos < per_epoch and step < total:
                 t0 = time.perf_counter()
-                batch = next(it)
+                batch, idx = next(it)
                 wait += time.perf_counter() - t0
-                vals = step_fn(batch)  # (len(metrics),), detached, on the device
+                vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
                 step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
                 saving = args.save_every and step % args.save_every == 0
                 if step % args.log_every == 0 or saving or pos == per_epoch or step == total:

@@ -14,6 +14,9 @@ Commands
     python moco.py --dataset cifar10 --data ~/cifar --preset cifar --amp   # the official CIFAR-10 notebook
     torchrun --nproc_per_node=8 moco.py --data ~/imagenet --preset v2   # the same 8 BN groups of 32 images
     python moco.py --resume auto                     # continue the run in --out
+    python moco.py --mechanism end-to-end            # MoCo's rivals (Sec. 3.2, Fig. 3): keys = the batch,
+    python moco.py --mechanism memory-bank --epochs 5   # or a memory bank (Wu et al. 2018)
+    python moco.py --shuffle-bn off                  # the batch-statistics leak of Appendix A.9
     python eval_linear.py --pretrained runs/moco/ckpt.pt
 
 Deliberately left out: MoCo v3 (no queue, ViT), detectron2 export, LARS, online linear probe.
@@ -78,6 +81,12 @@ class Args:
     bn_splits: int = arg(1, "batch-norm groups of the global batch (official: 8 GPUs), divided among the processes")
     bn: str = arg("shuffle", "shuffle (shuffle-BN, official) | sync (SyncBatchNorm, see README caveat)")
     fused: str = arg("auto", "auto|on|off: fused InfoNCE + enqueue from the moco_ext extension")
+    # the dictionary (paper Sec. 3.2, Fig. 3): the same InfoNCE and T for the three mechanisms
+    mechanism: str = arg("moco", "moco (queue + momentum encoder) | end-to-end (keys = the current batch, with "
+                                 "gradients; K = global batch - 1) | memory-bank (Wu et al. 2018; K from --moco-k)")
+    shuffle_bn: str = arg("on", "on|off: shuffle the keys across batch-norm groups (Sec. 3.3); off = keys in the "
+                                "queries' order, the leak of Appendix A.9 (moco and end-to-end)")
+    bank_t: float = arg(0.5, "memory bank: entry <- normalise(t * entry + (1 - t) * q) after each step")
     # optimisation and augmentation
     momentum: float = arg(0.9, "SGD momentum")
     wd: float = arg(1e-4, "weight decay")
@@ -131,6 +140,11 @@ def infonce_loss(q, k, queue, T):
     return loss, (logits[:, 1:] > logits[:, :1]).sum(1)  # (N,), (N,)
 
 
+def accuracies(n_beat):
+    """Top-1 and top-5 % of the pretext task from n_beat (N,): the negatives scored above each positive."""
+    return (n_beat == 0).float().mean() * 100, (n_beat < 5).float().mean() * 100
+
+
 def at_least_fp32(x):
     """Half-precision outputs (autocast) -> float32; float32 and float64 stay as they are, so a float64 model
     computes in float64 (how this code is checked against the official builder step by step)."""
@@ -148,25 +162,52 @@ def concat_all_gather(x):
     return torch.cat(out)
 
 
+def add_mlp(net):
+    """v2's head, in place: fc -> Linear(d, d) + ReLU + fc (no BN), the official keys fc.0 / fc.2."""
+    d = net.fc.weight.shape[1]
+    net.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), net.fc)
+    return net
+
+
+def has_split_bn(net):
+    """On one process, a permutation of the batch matters only when BN statistics are taken over groups of it."""
+    return any(getattr(mod, "num_splits", 1) > 1 for mod in net.modules())
+
+
+@torch.no_grad()
+def batch_shuffle(x, enabled=True):
+    """Shuffle-BN (Sec. 3.3): gather the key images of all ranks, permute them with one permutation broadcast
+    from rank 0, hand each rank its slice -> (this rank's shuffled images, the inverse permutation), or (x, None)."""
+    if not enabled:
+        return x, None
+    rank, world = world_info()
+    x_all = concat_all_gather(x)  # (world*N, ...)
+    idx = torch.randperm(x_all.shape[0], device=x.device)  # (world*N,)
+    if world > 1:
+        dist.broadcast(idx, src=0)
+    n = x.shape[0]
+    return x_all[idx[rank * n:(rank + 1) * n]], torch.argsort(idx)
+
+
 class MoCo(nn.Module):
     """The official builder's model: same constructor, state-dict keys and forward, plus keyword options
-    (symmetric loss, fused op) whose defaults keep the official behaviour, and training_loss() for the step."""
+    (symmetric loss, fused op, shuffle-BN off) whose defaults keep the official behaviour, and training_loss() +
+    update_dictionary() for the training step, the interface of the two rival mechanisms below."""
 
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False, fused=None):
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False, fused=None,
+                 shuffle_bn=True):
         super().__init__()
-        self.K, self.m, self.T, self.symmetric, self.fused = K, m, T, symmetric, fused
+        self.K, self.m, self.T, self.symmetric, self.fused, self.shuffle_bn = K, m, T, symmetric, fused, shuffle_bn
         self.encoder_q, self.encoder_k = base_encoder(num_classes=dim), base_encoder(num_classes=dim)
-        if mlp:  # v2: fc -> Linear(d, d) + ReLU + fc (no BN), the official keys fc.0 / fc.2
-            d = self.encoder_q.fc.weight.shape[1]
-            self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_q.fc)
-            self.encoder_k.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_k.fc)
+        if mlp:
+            add_mlp(self.encoder_q)
+            add_mlp(self.encoder_k)
         for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             pk.data.copy_(pq.data)  # theta_k starts as theta_q, and gets no gradient
             pk.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (C, K)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        # on one process, a permutation only matters when BN statistics are taken over groups of the batch
-        self.split_bn = any(getattr(mod, "num_splits", 1) > 1 for mod in self.encoder_k.modules())
+        self.split_bn = has_split_bn(self.encoder_k)
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
@@ -180,16 +221,8 @@ class MoCo(nn.Module):
     def _batch_shuffle(self, x):
         """Shuffle-BN (Sec. 3.3): gather the key images of all ranks, permute them with one permutation
         broadcast from rank 0, hand each rank its slice. Skipped on one process without split BN, where a
-        permutation of the batch changes no statistic."""
-        rank, world = world_info()
-        if world == 1 and not self.split_bn:
-            return x, None
-        x_all = concat_all_gather(x)  # (world*N, ...)
-        idx = torch.randperm(x_all.shape[0], device=x.device)  # (world*N,)
-        if world > 1:
-            dist.broadcast(idx, src=0)
-        n = x.shape[0]
-        return x_all[idx[rank * n:(rank + 1) * n]], torch.argsort(idx)
+        permutation of the batch changes no statistic, and with shuffle_bn=False (keys in the queries' order)."""
+        return batch_shuffle(x, self.shuffle_bn and (world_info()[1] > 1 or self.split_bn))
 
     @torch.no_grad()
     def _batch_unshuffle(self, x, idx_unshuffle):
@@ -232,7 +265,7 @@ class MoCo(nn.Module):
         """The training step's loss: -> (mean L_q, top-1 and top-5 accuracy of the (K+1)-way task, keys (N', C)).
         The same values as forward() + cross-entropy (and the notebook's symmetric loss if so built), with the
         fused op if given, but the loss reads the queue itself, not a copy: the caller enqueues the returned keys
-        with enqueue() after the backward pass."""
+        with update_dictionary() after the backward pass."""
         with torch.no_grad():
             self._momentum_update_key_encoder()
         pairs = [(im_q, im_k), (im_k, im_q)] if self.symmetric else [(im_q, im_k)]
@@ -249,11 +282,117 @@ class MoCo(nn.Module):
             keys.append(k)
         n_beat = torch.cat(beats)
         # symmetric: enqueue [k1, k2] as the notebook does
-        return sum(losses), (n_beat == 0).float().mean() * 100, (n_beat < 5).float().mean() * 100, torch.cat(keys[::-1])
+        return (sum(losses), *accuracies(n_beat), torch.cat(keys[::-1]))
 
-    def enqueue(self, keys):
+    def update_dictionary(self, keys):
         """Algorithm 1's enqueue(queue, k) + dequeue(queue), after the backward pass of training_loss()."""
         self._dequeue_and_enqueue(keys)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather + cat whose backward hands each rank the gradient of its own rows, summed over all ranks'
+    losses: with DDP's mean over ranks, the gradient of the mean loss over the global batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.n = x.shape[0]
+        return concat_all_gather(x)  # (world*N, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = world_info()
+        if world > 1:
+            grad = grad.contiguous()
+            dist.all_reduce(grad)
+        return grad[rank * ctx.n:(rank + 1) * ctx.n]
+
+
+class EndToEnd(nn.Module):
+    """MoCo's first rival (Sec. 3.2, Fig. 2a): the dictionary is the current global batch, its keys encoded
+    with gradients by the query encoder itself (the paper does not say whether the two encoders share weights;
+    README "Mechanisms" says why they do here); query n's positive is key n, its K = B - 1 negatives the other
+    keys. Shuffle-BN as for MoCo (Sec. 3.3). No queue, no momentum encoder."""
+
+    def __init__(self, base_encoder, dim=128, T=0.07, mlp=False, shuffle_bn=True):
+        super().__init__()
+        self.T, self.shuffle_bn = T, shuffle_bn
+        self.encoder_q = base_encoder(num_classes=dim)
+        if mlp:
+            add_mlp(self.encoder_q)
+        self.split_bn = has_split_bn(self.encoder_q)
+
+    def keys(self, im_k):
+        """-> k (B, C): the keys of the whole global batch in its order, gradients flowing to the rank that
+        encoded each (shuffled first when shuffle-BN is on)."""
+        im_k, idx_unshuffle = batch_shuffle(im_k, self.shuffle_bn and (world_info()[1] > 1 or self.split_bn))
+        k = F.normalize(at_least_fp32(self.encoder_q(im_k)), dim=1)  # (N, C)
+        k = GatherWithGrad.apply(k) if world_info()[1] > 1 else k  # (B, C)
+        return k if idx_unshuffle is None else k[idx_unshuffle]
+
+    def training_loss(self, im_q, im_k):
+        """-> (mean L_q, top-1, top-5, None): Eq. (1) with the batch as the dictionary."""
+        q = F.normalize(at_least_fp32(self.encoder_q(im_q)), dim=1)  # (N, C)
+        k = self.keys(im_k)  # (B, C), B = world * N
+        with torch.autocast(q.device.type, enabled=False):
+            logits = q @ k.T / self.T  # (N, B)
+            pos = world_info()[0] * len(q) + torch.arange(len(q), device=q.device)  # (N,) this rank's keys
+            loss = F.cross_entropy(logits, pos)  # = Eq. (1) with the positive first and the B - 1 others after
+        n_beat = (logits > logits.gather(1, pos[:, None])).sum(1)  # (N,)
+        return (loss, *accuracies(n_beat), None)
+
+    def update_dictionary(self, _):
+        """Nothing to do: the next batch is the next dictionary."""
+
+
+class MemoryBank(nn.Module):
+    """MoCo's second rival (Sec. 3.2, Fig. 2b; Wu et al. 2018, arXiv 1805.01978): one L2-normalised feature
+    per training image, initialised as random unit vectors (Wu et al. Sec. 3.1). Query n's positive is its own
+    image's entry, written at the image's last visit; K negatives are drawn uniformly from the bank each step,
+    the same for the whole batch; no gradient reaches the bank; after the step each entry of the batch becomes
+    normalise(t * entry + (1 - t) * q) (lemniscate.pytorch, lib/NCEAverage.py, t = 0.5). One crop per image, no
+    momentum encoder, no shuffle-BN (nothing is encoded for the keys). Identical on every rank by construction."""
+
+    def __init__(self, base_encoder, n_images, dim=128, K=4096, T=0.07, mlp=False, t=0.5, fused=None):
+        super().__init__()
+        self.K, self.T, self.t, self.fused = K, T, t, fused
+        self.encoder_q = base_encoder(num_classes=dim)
+        if mlp:
+            add_mlp(self.encoder_q)
+        self.register_buffer("bank", F.normalize(torch.randn(dim, n_images), dim=0))  # (C, N_images)
+
+    @torch.no_grad()
+    def negatives(self, idx_all):
+        """K bank indices (K,) drawn uniformly, with replacement, from the images outside the global batch
+        idx_all (B,), drawn by rank 0 and broadcast. NOTE(deviation): lemniscate also draws the batch's own
+        entries, so a query can meet its positive among its negatives (K/N of them do: 27% at K 16384 and 60,000
+        images); leaving the batch out removes that without changing the distribution of the others."""
+        B = len(idx_all)
+        r = torch.randint(self.bank.shape[1] - B, (self.K,), device=idx_all.device)  # (K,) ranks among the rest
+        taken = idx_all.sort().values - torch.arange(B, device=idx_all.device)  # (B,) nondecreasing
+        neg = r + torch.searchsorted(taken, r, right=True)  # (K,) the r-th index not in the batch
+        if world_info()[1] > 1:
+            dist.broadcast(neg, src=0)
+        return neg
+
+    def training_loss(self, im_q, idx):
+        """-> (mean L_q, top-1, top-5, (q, idx) for update_dictionary()): Eq. (1) with the bank's entry of each
+        image as its positive and K entries of other images as negatives; idx (N,) are this rank's image indices."""
+        q = F.normalize(at_least_fp32(self.encoder_q(im_q)), dim=1)  # (N, C)
+        neg = self.negatives(concat_all_gather(idx))  # (K,)
+        k, negatives = self.bank[:, idx].T, self.bank[:, neg]  # (N, C), (C, K): buffers, no gradient
+        with torch.autocast(q.device.type, enabled=False):
+            if self.fused is not None:
+                loss, n_beat = self.fused.infonce_loss(q, k.to(q.dtype), negatives.to(q.dtype), self.T)[:2]
+            else:
+                loss, n_beat = infonce_loss(q, k.to(q.dtype), negatives.to(q.dtype), self.T)
+        return (loss.mean(), *accuracies(n_beat), (q.detach(), idx))
+
+    @torch.no_grad()
+    def update_dictionary(self, pending):
+        """After the optimiser step: entry <- normalise(t * entry + (1 - t) * q) for every image of the global batch."""
+        q, idx = (concat_all_gather(x) for x in pending)  # (B, C), (B,)
+        v = self.t * self.bank[:, idx] + (1 - self.t) * q.T.to(self.bank.dtype)  # (C, B)
+        self.bank.index_copy_(1, idx, F.normalize(v, dim=0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,54 +474,70 @@ def build_encoder(arch, stem="imagenet", bn_splits=1, sync=False, num_classes=12
 # 4. Training (the plumbing it shares with dim.py is class Run, in the appendix)
 # ----------------------------------------------------------------------------------------------------
 class TrainingLoss(nn.Module):
-    """DDP synchronises gradients through a module's forward: this one's forward is MoCo.training_loss."""
+    """DDP synchronises gradients through a module's forward: this one's forward is the model's training_loss."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, im_q, im_k):
-        return self.model.training_loss(im_q, im_k)
+    def forward(self, *inputs):
+        return self.model.training_loss(*inputs)
 
 
-def train_step(net, model, opt, scaler, views, amp_dtype):
-    """One SGD step of Algorithm 1 on the two views (B, 3, S, S) -> (loss, acc1, acc5), detached."""
-    im_q, im_k = views
-    with torch.autocast(im_q.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss, acc1, acc5, keys = net(im_q, im_k)
+def train_step(net, model, opt, scaler, inputs, amp_dtype):
+    """One SGD step of Algorithm 1 on the two views (B, 3, S, S) (the memory bank: one view and the images'
+    indices) -> (loss, acc1, acc5), detached."""
+    with torch.autocast(inputs[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, acc1, acc5, pending = net(*inputs)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    model.enqueue(keys)  # after the backward pass, which read the queue as it was during the forward
+    model.update_dictionary(pending)  # after the backward pass, which read the dictionary as it was in the forward
     return torch.stack([loss.detach(), acc1, acc5])
+
+
+def build_model(args, n_images, world, fused):
+    """The --mechanism's model: MoCo, or one of its two rivals with the same encoder, head, InfoNCE and T."""
+    # --bn-splits counts the groups of the global batch (the official run: 8 GPUs); each rank holds its share
+    base = partial(build_encoder, args.arch, args.stem, args.bn_splits // world, args.bn == "sync" and world > 1)
+    shuffle = args.shuffle_bn == "on"
+    if args.mechanism == "end-to-end":
+        return EndToEnd(base, args.moco_dim, args.moco_t, args.mlp, shuffle)
+    if args.mechanism == "memory-bank":
+        return MemoryBank(base, n_images, args.moco_dim, args.moco_k, args.moco_t, args.mlp, args.bank_t, fused)
+    return MoCo(base, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric, fused, shuffle)
 
 
 def train(argv=None):
     run = Run(argv, "moco")
     args, device, world = run.args, run.device, run.world
     run.data()
-    fused = load_fused(args.fused, device)
-    # --bn-splits counts the groups of the global batch (the official run: 8 GPUs); each rank holds its share
-    base = partial(build_encoder, args.arch, args.stem, args.bn_splits // world, args.bn == "sync" and world > 1)
-    model = MoCo(base, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, args.symmetric, fused)
-    model = model.to(device, memory_format=run.fmt)
+    if args.mechanism == "memory-bank" and args.batch_size >= run.sampler.n:
+        raise UserError(f"--mechanism memory-bank draws its negatives from the images outside the batch: "
+                        f"--batch-size {args.batch_size} leaves none of the {run.sampler.n}")
+    fused = load_fused(args.fused, device) if args.mechanism != "end-to-end" else None
+    model = build_model(args, run.sampler.n, world, fused).to(device, memory_format=run.fmt)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                           momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
     state = {"model": model, "optimizer": opt, "scaler": scaler}  # what ckpt.pt holds, beside epoch, step, rng, args
     start = run.restore(state)  # (epoch, step in it, step): zeros for a fresh run
     if args.compile:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
+        for name in ("encoder_q", "encoder_k"):
+            if hasattr(model, name):
+                getattr(model, name).compile()
     net = TrainingLoss(model)
-    if world > 1:  # rank 0's initial queue on every rank; identical from then on by construction, so DDP must
-        dist.broadcast(model.queue, 0)  # not re-broadcast it (33.5 MB at K = 65536) at every forward
+    if world > 1:  # rank 0's initial queue (bank) on every rank; identical from then on by construction, so DDP
+        dictionary = [n for n in ("queue", "queue_ptr", "bank") if hasattr(model, n)]  # must not re-broadcast it
+        for name in dictionary:  # (33.5 MB at K = 65536) at every forward
+            dist.broadcast(getattr(model, name), 0)
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            net, ["model.queue", "model.queue_ptr"])
+            net, [f"model.{n}" for n in dictionary])
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    run.fit(lambda views: train_step(net, model, opt, scaler, views, run.amp_dtype), state, start,
-            {"loss": ".4f", "acc1": ".1f", "acc5": ".1f"}, lambda epoch: adjust_lr(opt, epoch, args),
+    bank = args.mechanism == "memory-bank"
+    run.fit(lambda views, idx: train_step(net, model, opt, scaler, (views, idx) if bank else views, run.amp_dtype),
+            state, start, {"loss": ".4f", "acc1": ".1f", "acc5": ".1f"}, lambda epoch: adjust_lr(opt, epoch, args),
             model.encoder_q)  # the kNN monitor reads encoder_q's (normalised) output, as the notebook
     return model
 
@@ -395,7 +550,7 @@ def resolve(args):
 def batch_prepare(gpu_aug, args, stats, device):
     """The --gpu-aug twin of transforms(): gpu_aug.BatchAugment, two views per image."""
     return gpu_aug.moco_augment(args.aug, args.image_size, args.crop_min, MEAN_STD[stats],
-                                channels_last=device.type == "cuda"), 2
+                                channels_last=device.type == "cuda"), 1 if args.mechanism == "memory-bank" else 2
 
 
 def load_fused(mode, device):
@@ -438,6 +593,11 @@ def check_hparams(args):
         (args.bn not in ("shuffle", "sync"), f"--bn must be shuffle or sync, not {args.bn!r}"),
         (args.stem not in ("imagenet", "cifar"), f"--stem must be imagenet or cifar, not {args.stem!r}"),
         (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
+        (args.mechanism not in ("moco", "end-to-end", "memory-bank"),
+         f"--mechanism must be moco, end-to-end or memory-bank, not {args.mechanism!r}"),
+        (args.shuffle_bn not in ("on", "off"), f"--shuffle-bn must be on or off, not {args.shuffle_bn!r}"),
+        (args.symmetric and args.mechanism != "moco", "--symmetric is for --mechanism moco"),
+        (not 0 <= args.bank_t < 1, f"--bank-t {args.bank_t} must be in [0, 1)"),
         (not 0 <= args.moco_m <= 1, f"--moco-m {args.moco_m} must be in [0, 1] (1 = a frozen key encoder)"),
         (args.moco_k < 1, f"--moco-k {args.moco_k} must be >= 1"),
         (not 0 < args.moco_t < math.inf, f"--moco-t {args.moco_t} must be > 0"),
@@ -467,7 +627,7 @@ def check_args(args, world):
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
     keys_per_step = args.batch_size * (2 if args.symmetric else 1)
-    if args.moco_k < keys_per_step:
+    if args.mechanism == "moco" and args.moco_k < keys_per_step:
         raise UserError(f"queue size --moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued per "
                         f"step (global batch {args.batch_size}{', x2 for --symmetric' if args.symmetric else ''})")
     if args.bn_splits % world:
@@ -769,7 +929,8 @@ def transforms(args, stats):
                   T.RandomGrayscale(0.2)],
     }[args.aug]
     train = T.Compose(aug + [T.ToTensor(), T.Normalize(*MEAN_STD[stats])])
-    return TwoCrops(train), test_transform(args.image_size, stats)
+    one_view = args.mechanism == "memory-bank"  # its positive is the bank's entry, not a second view
+    return train if one_view else TwoCrops(train), test_transform(args.image_size, stats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1026,15 +1187,17 @@ class Run:
             f"augmented by the CPU loader with {args.workers} workers"))
 
     def batches(self, epoch):
-        """The rest of the epoch's batches on the device: a tensor (B, 3, S, S) or a tuple of views."""
+        """The rest of the epoch's batches on the device: (a tensor (B, 3, S, S) or a tuple of views, the images'
+        indices in the training set (B,))."""
+        idx = torch.tensor([i for i, _ in self.sampler], device=self.device).view(-1, self.sampler.batch)
         if self.gpu is not None:
             import gpu_aug
-            yield from gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch)
+            yield from zip(gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch), idx)
             return
-        for x, _ in self.loader:
+        for (x, _), i in zip(self.loader, idx):
             x = x if isinstance(x, list) else [x]
             x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in x]
-            yield tuple(x) if len(x) > 1 else x[0]
+            yield tuple(x) if len(x) > 1 else x[0], i
 
     def restore(self, state):
         """Load the checkpoint into `state` (name -> module, optimizer or scaler) -> (epoch, position, step)."""
@@ -1061,9 +1224,9 @@ class Run:
                              "time_s": self.elapsed()}, self.path)
 
     def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
-        """The step loop from start = (epoch, position in it, step): step_fn(batch) -> a tensor of the `metrics`
-        (name -> format, None = JSON only), summed on the device and read back only when a line is logged;
-        lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
+        """The step loop from start = (epoch, position in it, step): step_fn(batch, the images' indices) -> a tensor
+        of the `metrics` (name -> format, None = JSON only), summed on the device and read back only when a line is
+        logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
         args, log, world = self.args, self.log, self.world
         epoch, pos, step = start
         per_epoch = self.sampler.steps()
@@ -1080,9 +1243,9 @@ class Run:
             t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
             while pos < per_epoch and step < total:
                 t0 = time.perf_counter()
-                batch = next(it)
+                batch, idx = next(it)
                 wait += time.perf_counter() - t0
-                vals = step_fn(batch)  # (len(metrics),), detached, on the device
+                vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
                 step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
                 saving = args.save_every and step % args.save_every == 0
                 if step % args.log_every == 0 or saving or pos == per_epoch or step == total:

@@ -17,8 +17,15 @@ seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.93 
 (conv), DIM(L) JSD 88.56 ± 0.48 (conv), DIM(L) infoNCE 88.53 ± 0.10 (conv), DIM(G) 88.67 ± 0.34 (conv), MoCo v2
 89.58 ± 0.17 (conv) and 88.31 ± 0.21 (backbone), supervised 89.56 ± 0.11 (conv).
 
+MoCo's ablations (He et al. 2020, arXiv 1911.05722v3, Sec. 3.2-4.1, Fig. 3, Appendix A.9), one command each, 3
+seeds, the same MoCo v2 recipe with one thing changed, a budget of --epochs x 60,000 images per run (ABLATIONS):
+mechanisms (end-to-end, memory bank and MoCo against K), momentum (m from 0 to 0.9999 at K 4096) and shuffle-bn
+(on/off, kNN over training and the pretext top-1). Results: README.md, "MoCo's mechanisms and ablations".
+
 Commands
     python study.py                                      # 66 min on a 2-core CPU: 120 s per run, 3 seeds
+    python study.py --steps dimL-jsd=654,dimL-nce=576,dimG=491,moco=172,supervised=281   # the README's counts
+    python study.py --experiment mechanisms              # or momentum, shuffle-bn: runs/moco-ablations
     python study.py --budget 600 --device cuda           # longer runs on a GPU
     python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline
 Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
@@ -47,7 +54,8 @@ from moco import UserError, arg
 @dataclass
 class Args:
     data: str = arg("../shared/data/fashion-mnist", "folder with the four Fashion-MNIST IDX files (.gz)")
-    out: str = arg("runs/study", "output folder: runs, results.json, results.md, results.png")
+    out: str = arg("", "output folder: runs, results.jsonl, results.md, results.png (default runs/study; "
+                       "runs/moco-ablations for the three MoCo experiments, which share their runs)")
     seeds: int = arg(3, "seeds per method")
     methods: str = arg("dimL-jsd,dimL-nce,dimG,moco,supervised", "comma-separated subset of METHODS")
     budget: float = arg(120.0, "pretraining seconds per run (each method, each seed); steps are calibrated")
@@ -57,6 +65,13 @@ class Args:
                                 "on 2 CPU cores)")
     device: str = arg("auto", "auto|cpu|cuda")
     threads: int = arg(0, "torch threads (0 = torch's default)")
+    experiment: str = arg("compare", "compare (DIM vs MoCo, this docstring) | mechanisms | momentum | shuffle-bn "
+                                     "(MoCo's ablations, ABLATIONS)")
+    steps: str = arg("", "compare: the step counts of an earlier study, e.g. moco=172,dimL-jsd=555 (printed and in "
+                         "results.md), instead of calibrating them: reruns exactly that study")
+    ks: str = arg("256,1024,4096,16384", "mechanisms: the dictionary sizes K (end-to-end: the batch, up to 4096)")
+    epochs: float = arg(2.0, "mechanisms, momentum, shuffle-bn: pretraining epochs per run (a budget of images, so "
+                             "no calibration); the memory bank needs 2: its positives are written at a visit")
 
 
 # Each method: (script, flags on top of the script's presets, layers probed, the layer of the MLP probe). The
@@ -78,6 +93,7 @@ METHODS = {
 LABELS = {"dimL-jsd": "DIM(L) JSD", "dimL-nce": "DIM(L) infoNCE", "dimG": "DIM(G) JSD", "moco": "MoCo v2",
           "supervised": "supervised", "random": "random init", "pixels": "raw pixels"}
 SNAPSHOTS = (0.5, 1.0)  # fractions of the budget evaluated for the curve; time 0 = random init
+ABLATIONS = ("mechanisms", "momentum", "shuffle-bn")  # MoCo's experiments, run_ablations()
 
 
 def parse_args(argv=None):
@@ -95,9 +111,25 @@ def parse_args(argv=None):
         raise UserError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.knn_conv not in ("on", "off", "auto"):
         raise UserError(f"--knn-conv must be on, off or auto, not {args.knn_conv!r}")
-    if args.seeds < 1 or args.budget <= 0:
-        raise UserError("--seeds must be >= 1 and --budget > 0")
+    if args.seeds < 1 or args.budget <= 0 or args.epochs <= 0:
+        raise UserError("--seeds must be >= 1, --budget > 0 and --epochs > 0")
+    if args.experiment not in ("compare", *ABLATIONS):
+        raise UserError(f"--experiment must be compare or one of {', '.join(ABLATIONS)}, not {args.experiment!r}")
+    given_steps(args)
+    ks(args)
+    args.out = args.out or ("runs/study" if args.experiment == "compare" else "runs/moco-ablations")
     return args
+
+
+def given_steps(args):
+    """--steps moco=172,dimL-jsd=555 -> {method: steps}."""
+    out = {}
+    for item in filter(None, args.steps.split(",")):
+        name, _, n = item.partition("=")
+        if name not in METHODS or not n.isdigit() or int(n) < 1:
+            raise UserError(f"--steps {item!r}: expected METHOD=STEPS with METHOD in {', '.join(METHODS)}")
+        out[name] = int(n)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,13 +333,16 @@ def run_study(args):
         work, plan = os.path.join(args.out, method), os.path.join(args.out, method, "steps.json")
         if os.path.exists(plan):  # a resumed study keeps the step count its first seeds ran
             sec, steps = json.load(open(plan))
+        elif method in given_steps(args):  # --steps: another study's count, no calibration
+            sec, steps = None, given_steps(args)[method]
         else:
             sec = calibrate(method, args, work, device, n_train)
             steps = max(8, int(args.budget / sec))
-            os.makedirs(work, exist_ok=True)
-            with open(plan, "w") as f:
-                json.dump([sec, steps], f)
-        print(f"{method}: {sec:.3f} s per step -> {steps} steps for {args.budget:.0f} s", flush=True)
+        os.makedirs(work, exist_ok=True)
+        with open(plan, "w") as f:
+            json.dump([sec, steps], f)
+        print(f"{method}: " + (f"{sec:.3f} s per step -> " if sec else "given ") + f"{steps} steps for "
+              f"{args.budget:.0f} s", flush=True)
         for seed in seeds:
             out = os.path.join(work, f"seed{seed}")
             for frac in fracs:
@@ -365,7 +400,13 @@ def report(rows, args, seconds):
             own = [r for r in final if (r["method"], r["layer"], r["probe"]) == (method, layer, "linear")]
             lines.append(f"| {LABELS[method]} | {layer} | " + " | ".join(cells) + f" | {margin} | "
                          f"{sum(r['time_s'] for r in own) / len(own):.0f} | {own[0]['steps']} |")
-    lines += ["", f"total run time {moco.fmt_time(seconds)}; `python study.py {' '.join(sys.argv[1:])}`".rstrip()]
+    steps = {}
+    for r in final:
+        if r["method"] in METHODS:
+            steps.setdefault(r["method"], r["steps"])
+    lines += ["", f"total run time {moco.fmt_time(seconds)}; `python study.py {' '.join(sys.argv[1:])}`".rstrip(),
+              "", "rerun these step counts exactly: `python study.py --steps "
+              + ",".join(f"{m}={n}" for m, n in steps.items()) + "`"]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
@@ -406,10 +447,232 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
+# ----------------------------------------------------------------------------------------------------
+# MoCo's ablations (He et al. 2020, arXiv 1911.05722v3): the three mechanisms against K (Sec. 4.1, Fig. 3), the
+# momentum (Sec. 4.1, the m table) and shuffle-BN (Sec. 3.3, Appendix A.9, Fig. A.1)
+# ----------------------------------------------------------------------------------------------------
+# Every run is moco.py with the comparison study's MoCo v2 recipe (METHODS["moco"]: K 4096, m 0.99, T 0.2, MLP
+# head, lr 0.03 at batch 256, split BN in 4 groups) and one thing changed. The budget is images, not time: each
+# run sees --epochs x 60,000 images, as the paper trains every mechanism for the same 200 epochs; end-to-end's K
+# is its batch, so its large K take fewer, larger steps, with the lr scaled linearly (0.03 B / 256, Sec. 4.1)
+# and the same 4 batch-norm groups (the paper's 8 GPUs at any batch). Its K stops at 4096: 16,384 images with
+# gradients for both views do not fit in 24 GB, the analogue of the paper's memory limit at 1024.
+MOMENTA = (0.0, 0.9, 0.99, 0.999, 0.9999)
+PAPER = {  # IN-1M linear top-1 %, ResNet-50, 200 epochs (../shared/reference/mechanisms.md)
+    "mechanisms": {"end-to-end": {256: 54.9, 1024: 57.3}, "memory-bank": {256: 50.0, 1024: 54.1, 4096: 56.5,
+                                                                          16384: 57.8},
+                   "moco": {256: 54.7, 1024: 57.5, 4096: 59.0, 16384: 60.4}},
+    "momentum": {0.0: "fails", 0.9: 55.2, 0.99: 57.8, 0.999: 59.0, 0.9999: 58.9},
+}
+SNAPSHOT_FRACS = (0.25, 0.5, 0.75, 1.0)  # the shuffle-BN runs: kNN over training (Fig. A.1)
+
+
+def ablation_run(mechanism="moco", K=4096, m=0.99, shuffle="on"):
+    """-> (run name, moco.py flags, global batch). Equal settings give equal names: the experiments share runs."""
+    name = f"{mechanism}-K{K}" + (f"-m{m:g}" if mechanism == "moco" else "") + ("" if shuffle == "on" else "-noshuffle")
+    batch = K if mechanism == "end-to-end" else 256
+    flags = list(METHODS["moco"][1])
+    flags[flags.index("--lr") + 1] = f"{0.03 * batch / 256:g}"  # 0.03 at batch 256, scaled linearly
+    flags += ["--mechanism", mechanism, "--moco-k", str(K), "--moco-m", str(m), "--shuffle-bn", shuffle,
+              "--batch-size", str(batch)]
+    return name, flags, batch
+
+
+def ks(args):
+    try:
+        return [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        raise UserError(f"--ks {args.ks!r}: expected sizes separated by commas, e.g. 256,1024")
+
+
+def ablation_runs(args, experiment=None):
+    """-> [(column value, run name, flags, batch)] of one experiment (default: args.experiment)."""
+    experiment = experiment or args.experiment
+    if experiment == "mechanisms":
+        return [((mech, K), *ablation_run(mech, K)) for mech in ("end-to-end", "memory-bank", "moco")
+                for K in ks(args) if not (mech == "end-to-end" and K > 4096)]
+    if experiment == "momentum":
+        return [(m, *ablation_run(m=m)) for m in MOMENTA]
+    return [(sh, *ablation_run(shuffle=sh)) for sh in ("on", "off")]
+
+
+def pretext_curve(out):
+    """-> [(step, pretext top-1 %)] from a run's metrics.jsonl (the logged means over the last --log-every steps)."""
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    return [(r["step"], r["acc1"]) for r in rows if "acc1" in r]
+
+
+def evaluate_backbone(path, views, seed, args, device):
+    """-> {probe: top-1} of the kNN (k=200, t=0.1) and the linear probe on the frozen 1024-d backbone."""
+    enc = basic32_taps(eval_linear.load_encoder(eval_linear.Args(pretrained=path, layer="backbone"))[0])
+    feats = extract(lambda x: {"backbone": enc(x)["backbone"]}, views, device)["backbone"]
+    return {kind: probe(kind, *feats, views, seed, args) for kind in ("knn", "linear")}
+
+
+def run_ablations(args):
+    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "results.jsonl")
+    rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
+    done = {(r["run"], r["seed"], r["frac"]) for r in rows}
+    t_start, views = time.perf_counter(), eval_views(args)
+    n_train = len(views["train"][1])
+    snapshot_runs = {name for _, name, _, _ in ablation_runs(args, "shuffle-bn")}
+    for _, name, flags, batch in ablation_runs(args):
+        fracs = SNAPSHOT_FRACS if name in snapshot_runs else (1.0,)
+        per_epoch = n_train // batch
+        total = max(1, round(args.epochs * per_epoch))
+        for seed in range(args.seeds):
+            out = os.path.join(args.out, name, f"seed{seed}")
+            for frac in fracs:
+                if (name, seed, frac) in done:
+                    continue
+                n = max(1, round(frac * total))
+                argv = COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device",
+                                         args.device, "--max-steps", str(n), "--epochs",
+                                         str(math.ceil(total / per_epoch)), "--resume", "auto"]
+                print(f"$ python moco.py {' '.join(argv)}", flush=True)
+                try:
+                    moco.train(argv)
+                except moco.UserError as e:
+                    raise UserError(f"{name}: {e}")
+                ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+                curve = pretext_curve(out)
+                for kind, top1 in evaluate_backbone(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
+                    row = dict(run=name, seed=seed, frac=frac, steps=ckpt["step"], time_s=ckpt["time_s"],
+                               layer="backbone", probe=kind, top1=top1, pretext_top1=curve[-1][1])
+                    if frac == 1.0:
+                        row["pretext_curve"] = curve
+                    rows.append(row)
+                    record(log, **row)
+    clock = os.path.join(args.out, f"seconds-{args.experiment}.txt")  # wall time, summed over resumed calls
+    total_s = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
+    with open(clock, "w") as f:
+        f.write(f"{total_s:.1f}\n")
+    text = ablation_report(rows, args, total_s)
+    print(text)
+    ablation_plot(rows, args)
+    return rows
+
+
+def ablation_cells(rows, name, kind, frac=1.0, key="top1"):
+    return [r[key] for r in rows if (r["run"], r["probe"], r["frac"]) == (name, kind, frac)]
+
+
+def cell(v):
+    return "%.2f ± %.2f" % mean_std(v) if v else ""
+
+
+def ablation_report(rows, args, seconds):
+    """results-EXPERIMENT.md: the experiment's table beside the paper's numbers."""
+    runs, KS = ablation_runs(args), ks(args)
+    lines = [f"Fashion-MNIST test top-1 % of the frozen 1024-d backbone (mean ± std over the seeds run), "
+             f"{args.epochs:g} epochs of pretraining per run; kNN (k=200) / linear probe ({args.probe_epochs} epochs)",
+             ""]
+    if args.experiment == "mechanisms":
+        lines += ["| mechanism | probe | " + " | ".join(f"K={K}" for K in KS) + " |",
+                  "|---|---|" + "---|" * len(KS)]
+        for mech in ("end-to-end", "memory-bank", "moco"):
+            for kind in ("knn", "linear"):
+                got = {K: cell(ablation_cells(rows, name, kind)) for (m, K), name, _, _ in runs if m == mech}
+                lines.append(f"| {mech} | {kind} | " + " | ".join(got.get(K, "-") for K in KS) + " |")
+            paper = PAPER["mechanisms"][mech]
+            lines.append(f"| {mech} | paper (IN-1M linear) | " + " | ".join(str(paper.get(K, "-")) for K in KS) + " |")
+    elif args.experiment == "momentum":
+        lines += ["| probe | " + " | ".join(f"m={m:g}" for m in MOMENTA) + " |", "|---|" + "---|" * len(MOMENTA)]
+        for kind in ("knn", "linear"):
+            lines.append(f"| {kind} | " + " | ".join(cell(ablation_cells(rows, name, kind)) for _, name, _, _ in runs)
+                         + " |")
+        lines.append("| final pretext top-1 | " + " | ".join(cell(ablation_cells(rows, name, "knn", key="pretext_top1"))
+                                                          for _, name, _, _ in runs) + " |")
+        lines.append("| paper (IN-1M linear, K 4096) | " + " | ".join(str(PAPER["momentum"][m]) for m in MOMENTA) + " |")
+    else:
+        lines += ["| shuffle-BN | " + " | ".join(f"kNN at {f:g}" for f in SNAPSHOT_FRACS) + " | linear | "
+                  "pretext top-1 at " + " | pretext top-1 at ".join(f"{f:g}" for f in SNAPSHOT_FRACS) + " |",
+                  "|---|" + "---|" * (2 * len(SNAPSHOT_FRACS) + 1)]
+        for sh, name, _, _ in runs:
+            lines.append(f"| {sh} | " + " | ".join(cell(ablation_cells(rows, name, "knn", f)) for f in SNAPSHOT_FRACS)
+                         + f" | {cell(ablation_cells(rows, name, 'linear'))} | " + " | ".join(
+                             cell(ablation_cells(rows, name, "knn", f, "pretext_top1")) for f in SNAPSHOT_FRACS) + " |")
+    lines += ["", "| run | steps | pretraining s per run (mean) | seeds |", "|---|---|---|---|"]
+    for _, name, _, _ in runs:
+        own = [r for r in rows if r["run"] == name and r["frac"] == 1.0 and r["probe"] == "knn"]
+        if own:
+            lines.append(f"| {name} | {own[0]['steps']} | {sum(r['time_s'] for r in own) / len(own):.0f} | "
+                         f"{len(own)} |")
+    lines += ["", f"run time of this experiment's calls {moco.fmt_time(seconds)}; "
+              f"`python study.py {' '.join(sys.argv[1:])}`".rstrip()]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, f"results-{args.experiment}.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def ablation_plot(rows, args):
+    """results-EXPERIMENT.png (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no matplotlib, no plot (pip install matplotlib)")
+        return
+    runs = ablation_runs(args)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if args.experiment in ("mechanisms", "momentum"):
+        groups = {}  # line -> [(x, run name)]; momentum: x = the position of m (0 and 0.9999 on one axis)
+        for i, (col, name, _, _) in enumerate(runs):
+            mech, x = col if args.experiment == "mechanisms" else ("moco (K 4096)", i)
+            groups.setdefault(mech, []).append((x, name))
+        for ax, kind in zip(axes, ("knn", "linear")):
+            for mech, pts in groups.items():
+                pts = [(x, mean_std(v)) for x, name in pts if (v := ablation_cells(rows, name, kind))]
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
+                                capsize=3, label=mech)
+            if args.experiment == "mechanisms":
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("K (negatives; end-to-end: the batch)")
+            else:
+                ax.set_xticks(range(len(MOMENTA)), [f"{m:g}" for m in MOMENTA])
+                ax.set_xlabel("momentum m")
+            ax.set_ylabel(f"test top-1 % ({kind}, backbone)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    else:
+        for sh, name, _, _ in runs:
+            pts = [(mean_std(ablation_cells(rows, name, "knn", f, "steps"))[0], mean_std(v))
+                   for f in SNAPSHOT_FRACS if (v := ablation_cells(rows, name, "knn", f))]
+            if pts:
+                axes[0].errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
+                                 capsize=3, label=f"shuffle-BN {sh}")
+            curves = [r["pretext_curve"] for r in rows if r["run"] == name and r.get("pretext_curve")
+                      and r["probe"] == "knn"]
+            if curves:
+                axes[1].plot([s for s, _ in curves[0]], [sum(c[i][1] for c in curves) / len(curves)
+                                                          for i in range(len(curves[0]))], label=f"shuffle-BN {sh}")
+        axes[0].set_ylabel("test top-1 % (kNN, backbone)")
+        axes[1].set_ylabel("pretext top-1 % (the (K+1)-way task)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"MoCo {args.experiment} on Fashion-MNIST (basic32, {args.epochs:g} epochs per run)")
+    fig.tight_layout()
+    path = os.path.join(args.out, f"results-{args.experiment}.png")
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
 
 def main(argv=None):
     try:
-        run_study(parse_args(argv))
+        args = parse_args(argv)
+        run_study(args) if args.experiment == "compare" else run_ablations(args)
     except UserError as e:
         print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)

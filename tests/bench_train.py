@@ -162,7 +162,7 @@ def bench_moco(cfg, device, opts):
         our_opt.zero_grad(set_to_none=True)
         loss.backward()
         our_opt.step()
-        model.enqueue(keys)
+        model.update_dictionary(keys)
         sums.add_(torch.stack([loss.detach(), acc1, acc5]))
 
     official, ours = side_by_side(official_step, our_step, B, device, cfg["warmup"], cfg["steps"], opts)

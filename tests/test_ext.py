@@ -535,7 +535,7 @@ def test_moco_fused_step_matches_fallback(device):
             opt.zero_grad()
             loss, acc1, acc5, keys = model.training_loss(im_q, im_k)
             loss.backward()
-            model.enqueue(keys)
+            model.update_dictionary(keys)
             outs.append((loss.detach(), acc1, acc5,
                          [p.grad.clone() for p in model.encoder_q.parameters()]))
             opt.step()

@@ -137,7 +137,7 @@ def test_split_batchnorm_equals_separate_groups(shape):
 
 
 def test_forward_official_and_training_step_agree():
-    """forward() returns the official (logits, labels); training_loss() + enqueue() give the same loss and the
+    """forward() returns the official (logits, labels); training_loss() + update_dictionary() give the same loss and the
     queue ends up the same (fp64-free check on a tiny encoder, identical seeds)."""
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     a, b = tiny_model(), tiny_model()
@@ -145,7 +145,7 @@ def test_forward_official_and_training_step_agree():
     logits, labels = a(x1, x2)
     torch.manual_seed(1)
     loss, acc1, acc5, keys = b.training_loss(x1, x2)
-    b.enqueue(keys)
+    b.update_dictionary(keys)
     assert logits.shape == (8, 1 + 24) and torch.equal(labels, torch.zeros(8, dtype=torch.long))
     assert torch.allclose(F.cross_entropy(logits, labels), loss, atol=1e-6)
     top5 = logits.topk(5, dim=1).indices
@@ -196,7 +196,7 @@ def test_symmetric_loss_enqueues_both_key_sets():
     model = tiny_model(K=40, symmetric=True)
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     loss, _, _, keys = model.training_loss(x1, x2)
-    model.enqueue(keys)
+    model.update_dictionary(keys)
     assert len(keys) == 16 and model.queue_ptr.item() == 16
     # loss_12 + loss_21 (the notebook): with identical views both halves are equal
     model2 = tiny_model(K=40, symmetric=True)
@@ -284,7 +284,7 @@ def test_learning_lowers_held_out_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        model.enqueue(keys)
+        model.update_dictionary(keys)
     after = held_out_loss()
     assert after < before - 0.2, (before, after)
 

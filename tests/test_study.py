@@ -59,3 +59,75 @@ def test_study_runs_end_to_end(tmp_path):
                        text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
     assert p.returncode == 0 and "$ python" not in p.stdout and "s per step" not in p.stdout, p.stdout[-2000:]
     assert len([json.loads(l) for l in open(out / "results.jsonl")]) == len(rows)
+
+
+def small_idx_folder(tmp_path):
+    x = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
+    y = moco.read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for split, sl in (("train", slice(0, 1200)), ("t10k", slice(8000, 8400))):
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", x[sl])
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", y[sl])
+    return data
+
+
+def run_study(argv):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_moco_ablations_run_share_and_resume(tmp_path):
+    """The three MoCo experiments on 1,200 images (K 256 and 512, one epoch per run): every run is moco.py with
+    its mechanism, K, m or shuffle-BN; the shuffle-BN runs get kNN snapshots over training and the pretext curve;
+    runs with the same settings are shared between experiments; a second call only rewrites the tables."""
+    data, out = small_idx_folder(tmp_path), tmp_path / "abl"
+    common = ["--data", data, "--out", out, "--seeds", 1, "--ks", "256,512", "--epochs", 1, "--probe-epochs", 1,
+              "--device", "cpu"]
+    logs = {e: run_study(["--experiment", e] + common) for e in ("shuffle-bn", "momentum", "mechanisms")}
+    rows = [json.loads(l) for l in open(out / "results.jsonl")]
+    runs = {r["run"] for r in rows}
+    assert runs == {"moco-K4096-m0.99", "moco-K4096-m0.99-noshuffle", "moco-K4096-m0", "moco-K4096-m0.9",
+                    "moco-K4096-m0.999", "moco-K4096-m0.9999", "end-to-end-K256", "end-to-end-K512",
+                    "memory-bank-K256", "memory-bank-K512", "moco-K256-m0.99", "moco-K512-m0.99"}
+    assert "moco-K4096-m0.99/seed0" not in logs["momentum"]  # run once, by shuffle-bn, and reused
+    snaps = {r["frac"] for r in rows if r["run"] == "moco-K4096-m0.99-noshuffle"}
+    assert snaps == {0.25, 0.5, 0.75, 1.0}
+    assert {r["frac"] for r in rows if r["run"] == "memory-bank-K512"} == {1.0}
+    assert all(0 <= r["top1"] <= 100 and r["probe"] in ("knn", "linear") for r in rows)
+    e2e = [r for r in rows if r["run"] == "end-to-end-K512" and r["frac"] == 1.0]
+    assert e2e[0]["steps"] == 1200 // 512 and len(e2e[0]["pretext_curve"]) >= 1  # batch 512: 2 steps an epoch
+    args = json.load(open(out / "end-to-end-K512" / "seed0" / "args.json"))
+    assert args["mechanism"] == "end-to-end" and args["batch_size"] == 512 and args["lr"] == 0.06
+    args = json.load(open(out / "moco-K4096-m0.99-noshuffle" / "seed0" / "args.json"))
+    assert args["shuffle_bn"] == "off" and args["moco_m"] == 0.99 and args["moco_k"] == 4096
+    table = (out / "results-mechanisms.md").read_text()
+    assert "| memory-bank | knn |" in table and "| moco | paper (IN-1M linear) | 54.7 | - |" in table
+    assert "| paper (IN-1M linear, K 4096) | fails |" in (out / "results-momentum.md").read_text()
+    assert "| off |" in (out / "results-shuffle-bn.md").read_text()
+    again = run_study(["--experiment", "mechanisms"] + common)
+    assert "$ python" not in again and len([json.loads(l) for l in open(out / "results.jsonl")]) == len(rows)
+
+
+def test_steps_flag_is_checked():
+    import study
+    args = study.parse_args(["--steps", "moco=172,dimL-jsd=555"])
+    assert study.given_steps(args) == {"moco": 172, "dimL-jsd": 555}
+    for bad in ("moco=0", "mocco=10", "moco"):
+        with pytest.raises(study.UserError, match="--steps"):
+            study.parse_args(["--steps", bad])
+
+
+@pytest.mark.slow
+def test_given_steps_skip_the_calibration(tmp_path):
+    """--steps METHOD=N runs exactly N steps without calibrating, and results.md prints the counts to pass back."""
+    data, out = small_idx_folder(tmp_path), tmp_path / "cmp"
+    log = run_study(["--data", data, "--out", out, "--seeds", 1, "--methods", "moco", "--steps", "moco=5",
+                     "--probe-epochs", 1, "--mlp-epochs", 0, "--device", "cpu"])
+    assert "moco: given 5 steps" in log and "calibrate" not in log
+    rows = [json.loads(l) for l in open(out / "results.jsonl")]
+    assert {r["steps"] for r in rows if r["method"] == "moco" and r["frac"] == 1.0} == {5}
+    assert "`python study.py --steps moco=5`" in (out / "results.md").read_text()
