@@ -15,14 +15,16 @@ Commands
                                                         # the 'small' preset = DIM(L), JSD, 1 epoch
     python dim.py --dataset cifar10 --data ~/cifar --preset dimL --estimator nce --amp   # paper Table 1 row
     python dim.py --dataset stl10 --data ~/stl --preset dimL --arch alex64              # 64x64 crops + flips
-    python dim.py --preset dimG --critic concat         # global DIM with the paper's concat critic
+    python dim.py --preset dimG                         # the paper's DIM(G): [last conv layer, Y] -> MLP
+    python dim.py --preset dimG --global-critic dot --global-layer local   # the official code's GlobalDIM
     python dim.py --resume auto                         # continue the run in --out
     torchrun --nproc_per_node=4 dim.py --dataset cifar10 --data ~/cifar --batch-size 256   # 64 per GPU
     python eval_linear.py --pretrained runs/dim/ckpt.pt --layer conv --probe mlp         # paper's probe
 
-Deliberately left out: the occlusion and coordinate-prediction variants (Table 4), MS-SSIM, MINE and NDM
-evaluation, the SVM probe, the folded "CPC-style" encoders.
+Deliberately left out: the occlusion and coordinate-prediction variants (Table 4), MS-SSIM and MINE evaluation,
+the SVM probe, the folded "CPC-style" encoders. NDM (Table 3) is study.py's ndm().
 """
+import copy
 import dataclasses
 import gzip
 import json
@@ -77,10 +79,15 @@ class Args:
     beta: float = arg(1.0, "weight of the local MI objective (mean over locations)")
     gamma: float = arg(0.1, "weight of the prior-matching objective (0 = no discriminator)")
     estimator: str = arg("jsd", "jsd (Eq. 4) | nce (Eq. 5) | dv (Eq. 2)")
-    critic: str = arg("dot", "dot (encode-and-dot-product) | concat (concat-and-convolve)")
-    mi_units: int = arg(2048, "width of the local encode-and-dot-product critic")  # official: 2048
-    local_samples: int = arg(0, "use this many random locations of the local map per step (0 = all)")
-    prior_gp: float = arg(0.0, "gradient penalty on the prior discriminator (official code: 1.0)")
+    critic: str = arg("dot", "local critic: dot (encode-and-dot-product) | concat (concat-and-convolve)")
+    mi_units: int = arg(2048, "width of the encode-and-dot-product critics")    # official: 2048
+    global_critic: str = arg("mlp", "global critic: mlp (paper: [layer, Y] -> 512-512-1) | dot (official GlobalDIM: "
+                                    "a copy of the encoder's upper layers and a linear map of Y, dot product)")
+    global_layer: str = arg("conv", "what the global critic reads with Y: conv (paper: the last conv layer, "
+                                    "256x4x4 for basic32) | local (the local map C; official GlobalDIM)")
+    local_samples: int = arg(0, "use this many random locations of the local map per image and step (0 = all)")
+    prior_gp: float = arg(1.0, "gradient penalty on the prior discriminator, the mean over real and fake of "
+                               "E|grad D|^2 (official code: 1.0)")
     # optimisation and augmentation
     beta1: float = arg(0.5, "Adam beta1 (official code: 0.5)")
     beta2: float = arg(0.999, "Adam beta2")
@@ -97,8 +104,9 @@ PRESETS = {
     # Hjelm et al. 2019, Sec. 4.2 and Eq. (8): DIM(L), DIM(G) and DIM(L+G)
     "dimL": dict(PAPER, alpha=0.0, beta=1.0, gamma=0.1),
     "dimG": dict(PAPER, alpha=1.0, beta=0.0, gamma=1.0),
-    "dimLG": dict(PAPER, alpha=0.5, beta=0.1, gamma=0.1),
-    # ours, for the built-in data on a CPU: DIM(L) for 1 epoch (125 steps) with a 256-unit critic (paper: 2048)
+    "dimLG": dict(PAPER, alpha=0.5, beta=0.1, gamma=0.1),  # NOTE(deviation): gamma ours (the paper: alpha, beta)
+    # NOTE(deviation): ours, for the built-in data on a CPU: DIM(L) for 1 epoch (125 steps), a 256-unit critic
+    # (official: 2048)
     "small": dict(PAPER, alpha=0.0, beta=1.0, gamma=0.1, epochs=1, mi_units=256, workers=2),
 }
 
@@ -120,7 +128,7 @@ def jsd_loss(pos, neg):
 def nce_loss(pos, neg):
     """Eq. (5): I_NCE >= E_P[T(x, E(x)) - log sum_x' e^T(x', E(x))], the sum over the positive and the K
     negatives; I(X; Y) >= log(K + 1) - loss. log(K + 1) at T = 0. NOTE(deviation): the image's own other
-    locations are left out of the sum (the official code keeps them, with their score pushed down by 10)."""
+    locations are left out of the sum (the official code keeps them, with their score set to the constant -10)."""
     neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (N, 1)
     return -(pos - torch.logaddexp(pos, neg_lse)).mean()
 
@@ -199,36 +207,63 @@ class ConcatCritic(nn.Module):
         return self.rest(b[:, None, None, :] + a[None]).squeeze(-1)  # (N, N, L): scores [i (y), j (c), l]
 
 
+class GlobalDotCritic(nn.Module):
+    """The official GlobalDIM's critic (rdevon/DIM models/dim.py): the layer goes through a fresh copy of the
+    encoder's upper layers ending in a Linear to `units`, Y through a Linear to `units`; T = their dot product."""
+
+    def __init__(self, upper, n_upper, y_dim, units):
+        super().__init__()
+        self.phi, self.psi = nn.Sequential(upper, nn.Linear(n_upper, units)), nn.Linear(y_dim, units)
+
+    def forward(self, c, y):  # c (N, ...) the layer, y (N, Y)
+        return (self.psi(y) @ self.phi(c).T)[:, :, None]  # (N, N, 1): scores [i (y), j (c)]
+
+
+def fresh_copy(*stages):
+    """A copy of the encoder's stages with newly initialised weights (the official code builds them anew)."""
+    net = copy.deepcopy(nn.Sequential(*stages))
+    for m in net.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return net
+
+
 class DIM(nn.Module):
     """Encoder plus the MI critics of Eq. (8). forward(x) -> ({'local': loss, 'global': loss}, Y (N, y_dim)).
-    Both objectives read the local map C: local DIM at each of its M*M locations (Eq. 6), global DIM on
-    C flattened (Eq. 3, Fig. 2). Critics are built only for objectives with a non-zero weight."""
+    Local DIM scores Y against each of the M*M locations of the local map C (Eq. 6); global DIM scores Y against
+    one layer of the whole image (Eq. 3, Fig. 2): by default the paper's, the last conv layer with Y through the
+    concat-and-MLP critic [flatten(conv), Y] -> 512 -> 512 -> 1 (Appendix). Critics are built only for
+    objectives with a non-zero weight."""
 
-    def __init__(self, encoder, local_shape, y_dim=64, local=True, glob=False, critic="dot", units=2048):
+    def __init__(self, encoder, image_size, y_dim=64, local=True, glob=False, critic="dot", units=2048,
+                 global_critic="mlp", global_layer="conv"):
         super().__init__()
-        c, h, w = local_shape
-        self.encoder = encoder
-        if critic == "dot":
-            # NOTE(deviation): the global dot critic embeds flatten(C) and Y with 512-unit Embed1x1 nets (the
-            # official GlobalDIM runs a copy of the encoder's upper layers); the paper's concat MLP is --critic concat
-            self.local_critic = DotCritic(c, y_dim, units) if local else None
-            self.global_critic = DotCritic(c * h * w, y_dim, 512) if glob else None
-        else:
-            self.local_critic = ConcatCritic(c, y_dim) if local else None
-            self.global_critic = ConcatCritic(c * h * w, y_dim) if glob else None
+        self.encoder, self.global_layer = encoder, global_layer
+        with torch.no_grad():  # the shape of every tap, from one image (eval mode: BN statistics untouched)
+            shapes = {k: v.shape[1:] for k, v in encoder.eval()(torch.zeros(2, 3, image_size, image_size)).items()}
+        encoder.train()
+        c = shapes["local"][0]
+        self.local_critic = (DotCritic(c, y_dim, units) if critic == "dot" else ConcatCritic(c, y_dim)) if local else None
+        self.global_critic = None
+        if glob and global_critic == "mlp":
+            self.global_critic = ConcatCritic(math.prod(shapes[global_layer]), y_dim)  # 512 -> 512 -> 1, L = 1
+        elif glob:
+            upper = [encoder.to_conv, encoder.to_fc] if global_layer == "local" else [encoder.to_fc]
+            self.global_critic = GlobalDotCritic(fresh_copy(*upper), encoder.to_y.in_features, y_dim, units)
 
     def forward(self, x, estimator="jsd", local_samples=0):
         f = self.encoder(x)
         c, y = f["local"].flatten(2).transpose(1, 2), f["y"]  # (N, L = M*M, C), (N, y_dim)
         losses = {}
         if self.local_critic is not None:
-            if 0 < local_samples < c.shape[1]:  # the official code's local_samples: a random subset of locations
-                c_l = c[:, torch.randperm(c.shape[1], device=c.device)[:local_samples]]  # (N, S, C)
-            else:
-                c_l = c
-            losses["local"] = self._mi(self.local_critic, c_l, y, estimator)
+            if 0 < local_samples < c.shape[1]:  # the official sample_locations: per image, with replacement
+                at = torch.randint(c.shape[1], (c.shape[0], local_samples), device=c.device)  # (N, S)
+                c = c[torch.arange(c.shape[0], device=c.device)[:, None], at]  # (N, S, C)
+            losses["local"] = self._mi(self.local_critic, c, y, estimator)
         if self.global_critic is not None:
-            losses["global"] = self._mi(self.global_critic, f["local"].flatten(1)[:, None], y, estimator)  # L = 1
+            g = f[self.global_layer]  # (N, C', H', W')
+            losses["global"] = self._mi(self.global_critic, g.flatten(1)[:, None] if isinstance(
+                self.global_critic, ConcatCritic) else g, y, estimator)
         return losses, y
 
     @staticmethod
@@ -254,9 +289,9 @@ def prior_d_loss(d, y, gp=0.0):
         fake, real = fake.requires_grad_(), real.requires_grad_()
     d_real, d_fake = d(real).squeeze(1).float(), d(fake).squeeze(1).float()  # (N,), (N,)
     loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-    if gp:  # the official code: gp * E[|grad_v D(v)|^2] on real and fake inputs (rdevon/DIM#36)
+    if gp:  # the official code (discriminator.py, gradient_penalty.py): gp * (E_V|grad D|^2 + E_P|grad D|^2) / 2
         grads = torch.autograd.grad(d_real.sum() + d_fake.sum(), [real, fake], create_graph=True)
-        loss = loss + gp * sum(g.pow(2).sum(1).mean() for g in grads)
+        loss = loss + gp * 0.5 * sum(g.pow(2).sum(1).mean() for g in grads)
     acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) * 50
     return loss, acc
 
@@ -400,9 +435,8 @@ def train(argv=None):
     # share (not gathered across ranks): the estimators are defined per batch, and the paper's batch is 64.
     run.data()
     encoder = build_encoder(args.arch, args.image_size, args.y_dim)
-    with torch.no_grad():
-        local_shape = encoder.eval()(torch.zeros(2, 3, args.image_size, args.image_size), "local")["local"].shape[1:]
-    model = DIM(encoder.train(), local_shape, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units)
+    model = DIM(encoder, args.image_size, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units,
+                args.global_critic, args.global_layer)
     model, prior = model.to(device), prior_discriminator(args.y_dim).to(device)
     adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
     opts = torch.optim.Adam(model.parameters(), **adam), torch.optim.Adam(prior.parameters(), **adam)
@@ -426,6 +460,8 @@ def train(argv=None):
 def resolve(args):
     """Fill in the automatic values, so that args.json and the checkpoint hold the numbers actually used."""
     size = args.image_size or (64 if args.arch == "alex64" else 32)
+    # NOTE(deviation): the paper augments STL-10 only (random 64x64 crops + flips, Sec. 4); auto crops and flips
+    # every input of 64 px or more (STL-10, Tiny ImageNet, image folders), and nothing smaller (CIFAR, MNIST)
     aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
     return dataclasses.replace(args, image_size=size, aug=aug)
 
@@ -440,6 +476,8 @@ def check_hparams(args):
     for bad, msg in [
         (args.estimator not in ESTIMATORS, f"--estimator must be jsd, nce or dv, not {args.estimator!r}"),
         (args.critic not in ("dot", "concat"), f"--critic must be dot or concat, not {args.critic!r}"),
+        (args.global_critic not in ("mlp", "dot"), f"--global-critic must be mlp or dot, not {args.global_critic!r}"),
+        (args.global_layer not in ("conv", "local"), f"--global-layer must be conv or local, not {args.global_layer!r}"),
         (args.aug not in ("none", "crop"), f"--aug must be none, crop or auto, not {args.aug!r}"),
         (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
         (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),

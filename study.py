@@ -66,10 +66,11 @@ class Args:
     device: str = arg("auto", "auto|cpu|cuda")
     threads: int = arg(0, "torch threads (0 = torch's default)")
     experiment: str = arg("compare", "compare (DIM vs MoCo, this docstring) | mechanisms | momentum | shuffle-bn "
-                                     "(MoCo's ablations, ABLATIONS)")
+                                     "(MoCo's ablations, ABLATIONS) | dim-estimators | dim-prior (DIM_ABLATIONS)")
     steps: str = arg("", "compare: the step counts of an earlier study, e.g. moco=172,dimL-jsd=555 (printed and in "
                          "results.md), instead of calibrating them: reruns exactly that study")
     ks: str = arg("256,1024,4096,16384", "mechanisms: the dictionary sizes K (end-to-end: the batch, up to 4096)")
+    dim_epochs: float = arg(0.25, "dim-estimators, dim-prior: pretraining epochs per run (a budget of images)")
     epochs: float = arg(2.0, "mechanisms, momentum, shuffle-bn: pretraining epochs per run (a budget of images, so "
                              "no calibration); the memory bank needs 2: its positives are written at a visit")
 
@@ -94,6 +95,7 @@ LABELS = {"dimL-jsd": "DIM(L) JSD", "dimL-nce": "DIM(L) infoNCE", "dimG": "DIM(G
           "supervised": "supervised", "random": "random init", "pixels": "raw pixels"}
 SNAPSHOTS = (0.5, 1.0)  # fractions of the budget evaluated for the curve; time 0 = random init
 ABLATIONS = ("mechanisms", "momentum", "shuffle-bn")  # MoCo's experiments, run_ablations()
+DIM_ABLATIONS = ("dim-estimators", "dim-prior")  # DIM's, run_dim_ablations()
 
 
 def parse_args(argv=None):
@@ -113,11 +115,15 @@ def parse_args(argv=None):
         raise UserError(f"--knn-conv must be on, off or auto, not {args.knn_conv!r}")
     if args.seeds < 1 or args.budget <= 0 or args.epochs <= 0:
         raise UserError("--seeds must be >= 1, --budget > 0 and --epochs > 0")
-    if args.experiment not in ("compare", *ABLATIONS):
-        raise UserError(f"--experiment must be compare or one of {', '.join(ABLATIONS)}, not {args.experiment!r}")
+    if args.experiment not in ("compare", *ABLATIONS, *DIM_ABLATIONS):
+        raise UserError(f"--experiment must be compare or one of {', '.join(ABLATIONS + DIM_ABLATIONS)}, "
+                        f"not {args.experiment!r}")
+    if args.dim_epochs <= 0:
+        raise UserError("--dim-epochs must be > 0")
     given_steps(args)
     ks(args)
-    args.out = args.out or ("runs/study" if args.experiment == "compare" else "runs/moco-ablations")
+    args.out = args.out or {"compare": "runs/study", **dict.fromkeys(DIM_ABLATIONS, "runs/dim-ablations")}.get(
+        args.experiment, "runs/moco-ablations")
     return args
 
 
@@ -268,6 +274,41 @@ def probe(kind, train_f, test_f, views, seed, args):
     head = eval_linear.fit_probe(pa, train_f, train_y, 10, say=lambda *a, **k: None)
     with torch.no_grad():
         return eval_linear.topk_acc(head(test_f), test_y)[0]
+
+
+def ndm(y_train, y_test, seed, epochs=20, batch=256, lr=1e-3):
+    """The neural dependency measure (Hjelm et al. 2019, Sec. 4.1, Table 3): a DV estimate (Eq. 2) of
+    KL(P(Y) || prod_k P(Y_k)), the total correlation of Y's dimensions, by a critic trained to tell Y (N, D) from
+    Y with each dimension shuffled across the batch; 0 for independent dimensions, what prior matching lowers.
+    The critic (D -> 1000 -> 200 -> 1, ReLU, the prior discriminator's shape; the paper does not give NDM's) is
+    trained on the training images' Y, standardised (KL is invariant to it), and evaluated on the test images'.
+    It is trained with the logistic loss, whose optimum T = log p/q makes Eq. (2) exact: trained on the DV bound
+    itself, the held-out estimate grew without limit with the epochs (Y of a random basic32 on the built-in data:
+    18, 174, 8635 nats after 1, 5, 20 epochs; with the logistic loss 8.6, 15.0, 18.3)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mean, std = y_train.mean(0), y_train.std(0) + 1e-6
+    tr, te = ((y - mean) / std for y in (y_train.float(), y_test.float()))  # (N, D) each
+    critic = nn.Sequential(nn.Linear(tr.shape[1], 1000), nn.ReLU(), nn.Linear(1000, 200), nn.ReLU(),
+                           nn.Linear(200, 1))
+    opt = torch.optim.Adam(critic.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def scores(y):  # T on Y and on Y with each dimension shuffled across the batch
+        shuffled = y.gather(0, torch.argsort(torch.rand(y.shape, generator=g), dim=0))  # (N, D), per column
+        return critic(y).squeeze(1), critic(shuffled).squeeze(1)  # (N,), (N,)
+
+    for _ in range(epochs):
+        for i in torch.randperm(len(tr), generator=g).split(batch):
+            if len(i) < 2:
+                continue
+            t_joint, t_marg = scores(tr[i])
+            loss = F.softplus(-t_joint).mean() + F.softplus(t_marg).mean()  # logistic: T -> log p / q
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():  # Eq. (2) on held-out Y: E_joint[T] - log E_marginals[e^T]
+        t_joint, t_marg = scores(te)
+        return (t_joint.mean() - (torch.logsumexp(t_marg, 0) - math.log(len(te)))).item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,10 +710,171 @@ def ablation_plot(rows, args):
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# DIM's claims (Hjelm et al. 2019, arXiv 1808.06670v5): the estimators against the number of negatives (Sec. 3.1,
+# 4.3: infoNCE needs many, JSD does not, DV is unstable), prior matching (Eq. 7, Table 3: NDM) and DIM(G) vs
+# DIM(L) (Table 1), at one budget of images per run
+# ----------------------------------------------------------------------------------------------------
+# Every run is dim.py with the comparison study's DIM recipe (DIM_FLAGS: Adam lr 5e-4, a 256-unit local critic),
+# --dim-epochs x 60,000 images per run. DIM's negatives are the other images of the batch (each image's Y against
+# every location of the other N - 1 images), so the batch sets their number: (N - 1) x 64 locations per positive.
+DIM_BATCHES = (16, 32, 64, 128)
+PAPER_DIM = {  # CIFAR-10 top-1 % conv / fc / Y, 1000 epochs (Table 1); NDM (Table 3)
+    "dimL-jsd": "73.25 / 73.62 / 66.96, NDM 0.18", "dimL-nce": "75.21 / 75.57 / 69.13", "dimG": "52.2 / 52.84 / 43.17, NDM 0.35"}
+DIM_LAYERS = ("conv", "fc", "y")
+
+
+def dim_run(kind="dimL", estimator="jsd", batch=64, gamma=None, gp=None):
+    """-> (run name, dim.py flags, batch). gamma / gp None: the preset's prior weight and dim.py's default penalty."""
+    name = (f"dimL-{estimator}-B{batch}" if kind == "dimL" else f"dimG-B{batch}") + \
+        ("" if gamma is None else f"-g{gamma:g}") + ("" if gp is None else f"-gp{gp:g}")
+    flags = ["--preset", kind, "--estimator", estimator, *DIM_FLAGS, "--batch-size", str(batch)]
+    flags += [] if gamma is None else ["--gamma", str(gamma)]
+    flags += [] if gp is None else ["--prior-gp", str(gp)]
+    return name, flags, batch
+
+
+def dim_runs(experiment):
+    """-> [(column value, run name, flags, batch)]."""
+    if experiment == "dim-estimators":
+        return [((est, b), *dim_run("dimL", est, b)) for est in ("jsd", "nce", "dv") for b in DIM_BATCHES]
+    return [(("DIM(L)", "gamma 0"), *dim_run("dimL", gamma=0)), (("DIM(L)", "gamma 0.1"), *dim_run("dimL")),
+            (("DIM(L)", "gamma 0.1, no penalty"), *dim_run("dimL", gp=0)),
+            (("DIM(G)", "gamma 0"), *dim_run("dimG", gamma=0)), (("DIM(G)", "gamma 1"), *dim_run("dimG")),
+            (("DIM(G)", "gamma 1, no penalty"), *dim_run("dimG", gp=0))]
+
+
+def evaluate_dim(path, views, seed, args, device):
+    """-> {(layer, probe): value}: the linear probe on conv, fc and Y, and the NDM of Y."""
+    enc = dim.encoder_for_eval(torch.load(path, map_location="cpu", weights_only=False), "y").encoder.eval()
+    feats = extract(lambda x: {k: v.flatten(1) for k, v in enc(x, "y").items() if k in DIM_LAYERS}, views, device)
+    res = {(layer, "linear"): probe("linear", *feats[layer], views, seed, args) for layer in DIM_LAYERS}
+    res[("y", "ndm")] = ndm(*(f.cpu() for f in feats["y"]), seed)
+    return res
+
+
+def run_dim_ablations(args):
+    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "results.jsonl")
+    rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
+    done = {(r["run"], r["seed"]) for r in rows}
+    t_start, views = time.perf_counter(), eval_views(args)
+    n_train = len(views["train"][1])
+    for _, name, flags, batch in dim_runs(args.experiment):
+        per_epoch = n_train // batch
+        steps = max(1, round(args.dim_epochs * per_epoch))
+        for seed in range(args.seeds):
+            if (name, seed) in done:
+                continue
+            out = os.path.join(args.out, name, f"seed{seed}")
+            argv = COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device", args.device,
+                                     "--max-steps", str(steps), "--epochs", str(math.ceil(steps / per_epoch)),
+                                     "--resume", "auto"]
+            print(f"$ python dim.py {' '.join(argv)}", flush=True)
+            try:
+                dim.train(argv)
+            except dim.UserError as e:
+                if "loss is" not in str(e):
+                    raise UserError(f"{name}: {e}")
+                print(f"{name} seed {seed}: {e}", flush=True)  # a non-finite loss: recorded, not evaluated
+                record(log, run=name, seed=seed, steps=steps, layer="", probe="diverged", top1=None, time_s=0.0)
+                continue
+            ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+            last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][-1]
+            for (layer, kind), value in evaluate_dim(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
+                row = dict(run=name, seed=seed, steps=ckpt["step"], time_s=ckpt["time_s"], layer=layer, probe=kind,
+                           top1=value, final_local=last["local"], final_global=last["global"],
+                           final_d_acc=last["d_acc"])
+                rows.append(row)
+                record(log, **row)
+    rows = [json.loads(l) for l in open(log)]
+    clock = os.path.join(args.out, f"seconds-{args.experiment}.txt")
+    total_s = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
+    with open(clock, "w") as f:
+        f.write(f"{total_s:.1f}\n")
+    text = dim_report(rows, args, total_s)
+    print(text)
+    dim_plot(rows, args)
+    return rows
+
+
+def dim_cells(rows, name, layer, kind):
+    return [r["top1"] for r in rows if (r["run"], r["layer"], r["probe"]) == (name, layer, kind)]
+
+
+def dim_report(rows, args, seconds):
+    """results-EXPERIMENT.md: linear probe on conv / fc / Y and NDM, mean ± std over seeds; diverged seeds counted."""
+    runs = dim_runs(args.experiment)
+    lines = [f"Fashion-MNIST test top-1 % of the linear probe ({args.probe_epochs} epochs) on frozen conv / fc / Y "
+             f"features, and the NDM of Y (mean ± std over the seeds run); {args.dim_epochs:g} epochs of "
+             "pretraining per run", "",
+             "| run | " + ("estimator | batch (negatives per positive)" if args.experiment == "dim-estimators"
+                          else "model | prior") + " | conv | fc | Y | NDM (Y) | diverged | steps | s per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for col, name, _, batch in runs:
+        what = f"{col[0]} | {batch} ({(batch - 1) * 64})" if args.experiment == "dim-estimators" else \
+            f"{col[0]} | {col[1]}"
+        own = [r for r in rows if r["run"] == name and r["probe"] == "linear" and r["layer"] == "conv"]
+        bad = sum(r["probe"] == "diverged" for r in rows if r["run"] == name)
+        cells = [cell(dim_cells(rows, name, layer, "linear")) for layer in DIM_LAYERS]
+        nd = dim_cells(rows, name, "y", "ndm")
+        lines.append(f"| {name} | {what} | " + " | ".join(cells) + f" | {'%.3f ± %.3f' % mean_std(nd) if nd else ''} | "
+                     f"{bad} | {own[0]['steps'] if own else ''} | "
+                     f"{sum(r['time_s'] for r in own) / len(own) if own else 0:.0f} |")
+    lines += ["", "The paper (CIFAR-10, 1000 epochs, Table 1 conv / fc / Y, Table 3 NDM): "
+              + "; ".join(f"{k}: {v}" for k, v in PAPER_DIM.items()), "",
+              f"run time of this experiment's calls {moco.fmt_time(seconds)}; "
+              f"`python study.py {' '.join(sys.argv[1:])}`".rstrip()]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, f"results-{args.experiment}.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def dim_plot(rows, args):
+    """results-dim-estimators.png: conv accuracy against the batch (negatives) per estimator (needs matplotlib)."""
+    if args.experiment != "dim-estimators":
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no matplotlib, no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, layer in zip(axes, ("conv", "y")):
+        for est in ("jsd", "nce", "dv"):
+            pts = [(b, mean_std(v)) for b in DIM_BATCHES if (v := dim_cells(rows, dim_run("dimL", est, b)[0],
+                                                                            layer, "linear"))]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
+                            capsize=3, label=est)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (negatives per positive: (batch - 1) x 64 locations)")
+        ax.set_ylabel(f"test top-1 % (linear, {layer})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"DIM(L) estimators on Fashion-MNIST (basic32, {args.dim_epochs:g} epochs per run)")
+    fig.tight_layout()
+    path = os.path.join(args.out, "results-dim-estimators.png")
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
-        run_study(args) if args.experiment == "compare" else run_ablations(args)
+        if args.experiment == "compare":
+            run_study(args)
+        else:
+            (run_dim_ablations if args.experiment in DIM_ABLATIONS else run_ablations)(args)
     except UserError as e:
         print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(2)

@@ -194,9 +194,7 @@ def bench_dim(batch, device, opts, warmup, steps):
     def build(amp, compile_):
         torch.manual_seed(0)
         encoder = dim.build_encoder(args.arch, args.image_size, args.y_dim)
-        with torch.no_grad():
-            shape = encoder.eval()(torch.zeros(2, 3, args.image_size, args.image_size), "local")["local"].shape[1:]
-        model = dim.DIM(encoder.train(), shape, args.y_dim, args.beta > 0, args.alpha > 0, args.critic,
+        model = dim.DIM(encoder, args.image_size, args.y_dim, args.beta > 0, args.alpha > 0, args.critic,
                         args.mi_units).to(device)
         prior = dim.prior_discriminator(args.y_dim).to(device)
         adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))

@@ -96,6 +96,92 @@ def test_concat_critic_equals_concatenation():
                 assert torch.allclose(scores[i, j, loc], crit.rest(h).squeeze(), atol=1e-12)
 
 
+def global_dim(argv):
+    args = dim.resolve(dim.parse_args(argv)[0])
+    torch.manual_seed(0)
+    enc = dim.build_encoder(args.arch, args.image_size, args.y_dim)
+    return dim.DIM(enc, args.image_size, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units,
+                   args.global_critic, args.global_layer), args
+
+
+@pytest.mark.parametrize("preset", ["dimG", "dimLG"])
+def test_dimg_presets_build_the_papers_global_critic(preset):
+    """The paper's DIM(G) (Appendix, Tables 6-7): the last conv layer (256x4x4 for basic32) flattened and
+    concatenated with Y, then 512 -> 512 -> 1; scores for every (Y_i, image j) pair."""
+    model, args = global_dim(["--preset", preset])
+    assert (args.global_critic, args.global_layer) == ("mlp", "conv")
+    crit = model.global_critic
+    assert isinstance(crit, dim.ConcatCritic)
+    assert crit.w_c.weight.shape == (512, 256 * 4 * 4) and crit.w_y.weight.shape == (512, 64)
+    assert [m.weight.shape for m in crit.rest if isinstance(m, torch.nn.Linear)] == [(512, 512), (1, 512)]
+    assert (model.local_critic is not None) == (preset == "dimLG")
+    x = torch.randn(6, 3, 32, 32)
+    f = model.encoder(x)
+    scores = crit(f["conv"].flatten(1)[:, None], f["y"])  # (N, N, 1): [i (y), j (conv)]
+    assert scores.shape == (6, 6, 1)
+    torch.manual_seed(1)
+    losses, y = model(x)
+    assert set(losses) == ({"global"} if preset == "dimG" else {"local", "global"}) and y.shape == (6, 64)
+    want = dim.mi_loss(scores.float(), "jsd")
+    assert torch.allclose(losses["global"], want, atol=1e-5)
+
+
+def test_official_global_dim_is_a_dot_critic_on_the_local_map():
+    """--global-critic dot --global-layer local: the official GlobalDIM, the 128x8x8 local map through a fresh
+    copy of the encoder's upper layers (conv 256, FC 1024) and a Linear to mi_units, Y through a Linear to
+    mi_units, scored by their dot product."""
+    model, _ = global_dim(["--preset", "dimG", "--global-critic", "dot", "--global-layer", "local", "--mi-units", "32"])
+    crit = model.global_critic
+    assert isinstance(crit, dim.GlobalDotCritic)
+    convs = [m for m in crit.phi.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.weight.shape for c in convs] == [(256, 128, 4, 4)]
+    assert crit.phi[-1].weight.shape == (32, 1024) and crit.psi.weight.shape == (32, 64)
+    enc_conv = model.encoder.to_conv[0].weight
+    assert not torch.equal(convs[0].weight, enc_conv)  # a fresh copy, not the encoder's weights
+    assert convs[0].weight.data_ptr() != enc_conv.data_ptr()
+    x = torch.randn(5, 3, 32, 32)
+    f = model.encoder(x)
+    scores = crit(f["local"], f["y"])  # (5, 5, 1)
+    for i in range(5):
+        for j in range(5):
+            ref = torch.dot(crit.psi(f["y"][i:i + 1])[0], crit.phi(f["local"])[j])
+            assert torch.allclose(scores[i, j, 0], ref, atol=1e-4)
+    conv_model, _ = global_dim(["--preset", "dimG", "--global-critic", "dot", "--mi-units", "32"])
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in conv_model.global_critic.phi.modules())  # FC 1024 only
+
+
+def test_local_samples_are_drawn_per_image_with_replacement(monkeypatch):
+    """--local-samples S (the official sample_locations): each image its own S locations, with replacement."""
+    model, _ = global_dim(["--preset", "dimL", "--mi-units", "16"])
+    seen = []
+    real = dim.DIM._mi
+    monkeypatch.setattr(dim.DIM, "_mi", staticmethod(lambda critic, c, y, est: seen.append(c) or real(critic, c, y, est)))
+    x = torch.randn(8, 3, 32, 32)
+    model(x, local_samples=20)
+    full = model.encoder(x)["local"].flatten(2).transpose(1, 2)  # (8, 64, 128)
+    c = seen[-1]
+    assert c.shape == (8, 20, 128)
+    picks = [[next(l for l in range(64) if torch.equal(full[n, l], c[n, s])) for s in range(20)] for n in range(8)]
+    assert len({tuple(p) for p in picks}) == 8  # per image
+    assert any(len(set(p)) < 20 for p in picks)  # with replacement (20 of 64: a repeat in 8 images is all but sure)
+
+
+def test_prior_gradient_penalty_is_the_official_mean_of_real_and_fake():
+    """gp * (E_V|grad_v D|^2 + E_P|grad D|^2) / 2 on top of the logistic loss (rdevon/DIM discriminator.py)."""
+    torch.manual_seed(0)
+    d, y = dim.prior_discriminator(8), torch.randn(16, 8)  # prior_d_loss computes in float32
+    torch.manual_seed(1)
+    loss0, _ = dim.prior_d_loss(d, y, gp=0.0)
+    torch.manual_seed(1)
+    loss1, _ = dim.prior_d_loss(d, y, gp=1.0)
+    torch.manual_seed(1)
+    fake = torch.sigmoid(y).requires_grad_()
+    real = torch.rand_like(fake).requires_grad_()
+    pen = [torch.autograd.grad(d(v).sum(), v)[0].pow(2).sum(1).mean() for v in (real, fake)]
+    assert math.isclose((loss1 - loss0).item(), 0.5 * (pen[0] + pen[1]).item(), rel_tol=1e-4)
+    assert dim.Args().prior_gp == 1.0  # the official value is the default
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prior matching (Eq. 7): the discriminator learns to tell, the encoder learns to fool
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +224,7 @@ def test_prior_step_runs_outside_autocast_with_its_own_scaler(monkeypatch):
     loss, step and the encoder's prior loss outside it in float32, and the discriminator's loss goes through its
     own gradient scaler (the encoder's scaler sees only the encoder's loss)."""
     torch.manual_seed(0)
-    model, prior = dim.DIM(dim.build_encoder("basic32", 32), (128, 8, 8), units=32), dim.prior_discriminator()
+    model, prior = dim.DIM(dim.build_encoder("basic32", 32), 32, units=32), dim.prior_discriminator()
     seen = []
 
     def spy(fn):
@@ -197,7 +283,7 @@ def test_local_dim_learns():
 
     encoder = dim.build_encoder("basic32", 32)
     before = knn(encoder)
-    model, d = dim.DIM(encoder, (128, 8, 8), units=64), dim.prior_discriminator()
+    model, d = dim.DIM(encoder, 32, units=64), dim.prior_discriminator()
     opt = torch.optim.Adam(model.parameters(), 1e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), 1e-3, betas=(0.5, 0.999))
     losses = []

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -131,3 +132,54 @@ def test_given_steps_skip_the_calibration(tmp_path):
     rows = [json.loads(l) for l in open(out / "results.jsonl")]
     assert {r["steps"] for r in rows if r["method"] == "moco" and r["frac"] == 1.0} == {5}
     assert "`python study.py --steps moco=5`" in (out / "results.md").read_text()
+
+
+def test_ndm_measures_dependence_between_dimensions():
+    """NDM (DV estimate of the total correlation): about 0 for independent dimensions, and for two Gaussian
+    dimensions with correlation 0.9 close to the true -0.5 log(1 - 0.81) = 0.83 nats (a lower bound, trained)."""
+    import study
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24000, 2, generator=g)
+    indep_tr, indep_te = x[:20000], x[20000:]
+    rho = 0.9
+    corr = torch.stack([x[:, 0], rho * x[:, 0] + (1 - rho ** 2) ** 0.5 * x[:, 1]], 1)
+    assert abs(study.ndm(indep_tr, indep_te, seed=0, epochs=5)) < 0.05
+    got = study.ndm(corr[:20000], corr[20000:], seed=0, epochs=5)
+    assert 0.6 < got < 1.0, got
+
+
+@pytest.mark.slow
+def test_dim_ablations_run_share_and_count_divergence(tmp_path, monkeypatch):
+    """dim-prior then dim-estimators on 1,200 images: every run is dim.py with its estimator, batch, gamma or
+    penalty; the probes on conv / fc / Y and the NDM of Y are recorded; the shared run (DIM(L) JSD, batch 64, the
+    defaults) runs once; a run whose loss turns non-finite is counted as diverged, not evaluated."""
+    import study
+    data, out = small_idx_folder(tmp_path), tmp_path / "dabl"
+    common = ["--data", str(data), "--out", str(out), "--seeds", "1", "--probe-epochs", "1", "--dim-epochs", "0.5",
+              "--device", "cpu"]
+    study.main(["--experiment", "dim-prior"] + common)
+    real, calls = study.dim.train, []
+
+    def train(argv):  # the DV runs at batch 16 "diverge"
+        calls.append(argv[argv.index("--out") + 1])
+        if "dimL-dv-B16" in calls[-1]:
+            raise study.dim.UserError("loss is nan at step 3: stopped; the last good checkpoint is intact")
+        return real(argv)
+    monkeypatch.setattr(study.dim, "train", train)
+    study.main(["--experiment", "dim-estimators"] + common)
+    assert not any("dimL-jsd-B64" + os.sep in c for c in calls)  # run by dim-prior, reused
+    rows = [json.loads(l) for l in open(out / "results.jsonl")]
+    got = {(r["run"], r["layer"], r["probe"]) for r in rows}
+    for run in ("dimL-jsd-B64-g0", "dimG-B64", "dimG-B64-gp0", "dimL-nce-B128", "dimL-dv-B32"):
+        assert {(run, l, "linear") for l in ("conv", "fc", "y")} | {(run, "y", "ndm")} <= got, run
+    assert ("dimL-dv-B16", "", "diverged") in got
+    args = json.load(open(out / "dimG-B64-gp0" / "seed0" / "args.json"))
+    assert (args["alpha"], args["beta"], args["gamma"], args["prior_gp"]) == (1.0, 0.0, 1.0, 0.0)
+    assert (args["global_critic"], args["global_layer"]) == ("mlp", "conv")
+    args = json.load(open(out / "dimL-nce-B32" / "seed0" / "args.json"))
+    assert args["estimator"] == "nce" and args["batch_size"] == 32 and args["prior_gp"] == 1.0
+    steps = {r["run"]: r["steps"] for r in rows if r["probe"] == "linear"}
+    assert steps["dimL-jsd-B16"] == round(0.5 * (1200 // 16)) and steps["dimL-jsd-B128"] == round(0.5 * (1200 // 128))
+    table = (out / "results-dim-estimators.md").read_text()
+    assert "| dimL-dv-B16 | dv | 16 (960) |" in table and "| 1 |" in table  # one diverged seed
+    assert "| DIM(G) | gamma 1, no penalty |" in (out / "results-dim-prior.md").read_text()
