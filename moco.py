@@ -124,7 +124,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. The algorithm core: InfoNCE against the queue, and the MoCo model (facebookresearch/moco builder.py)
+# 2. The algorithm core: InfoNCE, the MoCo model (facebookresearch/moco builder.py) and its two rivals
 # ----------------------------------------------------------------------------------------------------
 def infonce_logits(q, k, queue, T):
     """He et al. 2020 (arXiv 1911.05722v3), Eq. (1): logits [N, 1+K] of q against k+ (first) and the queue."""

@@ -496,8 +496,8 @@ def plot(rows, path):
 # head, lr 0.03 at batch 256, split BN in 4 groups) and one thing changed. The budget is images, not time: each
 # run sees --epochs x 60,000 images, as the paper trains every mechanism for the same 200 epochs; end-to-end's K
 # is its batch, so its large K take fewer, larger steps, with the lr scaled linearly (0.03 B / 256, Sec. 4.1)
-# and the same 4 batch-norm groups (the paper's 8 GPUs at any batch). Its K stops at 4096: 16,384 images with
-# gradients for both views do not fit in 24 GB, the analogue of the paper's memory limit at 1024.
+# and the same 4 batch-norm groups (the paper's 8 GPUs at any batch). Its K stops at 4096: at 16,384 two epochs
+# are 6 steps (the paper's end-to-end stops at 1024, the memory of its 8 GPUs).
 MOMENTA = (0.0, 0.9, 0.99, 0.999, 0.9999)
 PAPER = {  # IN-1M linear top-1 %, ResNet-50, 200 epochs (../shared/reference/mechanisms.md)
     "mechanisms": {"end-to-end": {256: 54.9, 1024: 57.3}, "memory-bank": {256: 50.0, 1024: 54.1, 4096: 56.5,
