@@ -310,7 +310,7 @@ class GatherWithGrad(torch.autograd.Function):
 class EndToEnd(nn.Module):
     """MoCo's first rival (Sec. 3.2, Fig. 2a): the dictionary is the current global batch, its keys encoded
     with gradients by the query encoder itself (the paper does not say whether the two encoders share weights;
-    README "Mechanisms" says why they do here); query n's positive is key n, its K = B - 1 negatives the other
+    README, "The three mechanisms", says why they do here); query n's positive is key n, its K = B - 1 negatives the other
     keys. Shuffle-BN as for MoCo (Sec. 3.3). No queue, no momentum encoder."""
 
     def __init__(self, base_encoder, dim=128, T=0.07, mlp=False, shuffle_bn=True):
@@ -364,8 +364,8 @@ class MemoryBank(nn.Module):
     def negatives(self, idx_all):
         """K bank indices (K,) drawn uniformly, with replacement, from the images outside the global batch
         idx_all (B,), drawn by rank 0 and broadcast. NOTE(deviation): lemniscate also draws the batch's own
-        entries, so a query can meet its positive among its negatives (K/N of them do: 27% at K 16384 and 60,000
-        images); leaving the batch out removes that without changing the distribution of the others."""
+        entries, so a query can meet its positive among its negatives (1 - (1 - 1/N)^K of them do: 24% at K 16384
+        and 60,000 images); leaving the batch out removes that without changing the distribution of the others."""
         B = len(idx_all)
         r = torch.randint(self.bank.shape[1] - B, (self.K,), device=idx_all.device)  # (K,) ranks among the rest
         taken = idx_all.sort().values - torch.arange(B, device=idx_all.device)  # (B,) nondecreasing

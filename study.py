@@ -374,6 +374,9 @@ def run_study(args):
         work, plan = os.path.join(args.out, method), os.path.join(args.out, method, "steps.json")
         if os.path.exists(plan):  # a resumed study keeps the step count its first seeds ran
             sec, steps = json.load(open(plan))
+            if given_steps(args).get(method, steps) != steps:
+                raise UserError(f"--steps {method}={given_steps(args)[method]}: {plan} holds {steps} steps from an "
+                                "earlier call; use another --out")
         elif method in given_steps(args):  # --steps: another study's count, no calibration
             sec, steps = None, given_steps(args)[method]
         else:

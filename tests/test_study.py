@@ -132,6 +132,10 @@ def test_given_steps_skip_the_calibration(tmp_path):
     rows = [json.loads(l) for l in open(out / "results.jsonl")]
     assert {r["steps"] for r in rows if r["method"] == "moco" and r["frac"] == 1.0} == {5}
     assert "`python study.py --steps moco=5`" in (out / "results.md").read_text()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), "--data", str(data), "--out", str(out),
+                        "--methods", "moco", "--steps", "moco=6", "--device", "cpu"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert p.returncode == 2 and "holds 5 steps" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_ndm_measures_dependence_between_dimensions():
