@@ -243,7 +243,8 @@ class DIM(nn.Module):
             shapes = {k: v.shape[1:] for k, v in encoder.eval()(torch.zeros(2, 3, image_size, image_size)).items()}
         encoder.train()
         c = shapes["local"][0]
-        self.local_critic = (DotCritic(c, y_dim, units) if critic == "dot" else ConcatCritic(c, y_dim)) if local else None
+        self.local_critic = None if not local else DotCritic(c, y_dim, units) if critic == "dot" else \
+            ConcatCritic(c, y_dim)
         self.global_critic = None
         if glob and global_critic == "mlp":
             self.global_critic = ConcatCritic(math.prod(shapes[global_layer]), y_dim)  # 512 -> 512 -> 1, L = 1
@@ -477,7 +478,8 @@ def check_hparams(args):
         (args.estimator not in ESTIMATORS, f"--estimator must be jsd, nce or dv, not {args.estimator!r}"),
         (args.critic not in ("dot", "concat"), f"--critic must be dot or concat, not {args.critic!r}"),
         (args.global_critic not in ("mlp", "dot"), f"--global-critic must be mlp or dot, not {args.global_critic!r}"),
-        (args.global_layer not in ("conv", "local"), f"--global-layer must be conv or local, not {args.global_layer!r}"),
+        (args.global_layer not in ("conv", "local"),
+         f"--global-layer must be conv or local, not {args.global_layer!r}"),
         (args.aug not in ("none", "crop"), f"--aug must be none, crop or auto, not {args.aug!r}"),
         (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
         (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),

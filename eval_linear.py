@@ -9,9 +9,8 @@ Protocols
   fixed affine map: still a linear probe) and the lr is 0.1, since lr 30 diverges on small encoders;
   --no-standardize is main_lincls.py exactly.
 - `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1): one hidden layer of
-  200 units with dropout (rdevon/DIM classifier: Linear 200, Dropout 0.1, BN, ReLU, Linear), Adam lr 1e-4 with
-  cortex's betas (0.5, 0.999), batch 64, 100 epochs. NOTE(deviation): the lr x0.1 at epoch 50 is ours (the
-  paper gives no schedule).
+  200 units with dropout (rdevon/DIM classifier: Linear 200, Dropout 0.1, BN, ReLU, Linear), Adam lr 1e-4, cortex's
+  betas (0.5, 0.999), batch 64, 100 epochs. NOTE(deviation): lr x0.1 at epoch 50 is ours (the paper gives none).
 - kNN (k=200, t=0.1, cosine; the MoCo CIFAR notebook) on the same features, always reported.
 
 `--aug crop` trains the probe on RandomResizedCrop + flip views through the frozen backbone every epoch (the

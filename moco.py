@@ -310,8 +310,8 @@ class GatherWithGrad(torch.autograd.Function):
 class EndToEnd(nn.Module):
     """MoCo's first rival (Sec. 3.2, Fig. 2a): the dictionary is the current global batch, its keys encoded
     with gradients by the query encoder itself (the paper does not say whether the two encoders share weights;
-    README, "The three mechanisms", says why they do here); query n's positive is key n, its K = B - 1 negatives the other
-    keys. Shuffle-BN as for MoCo (Sec. 3.3). No queue, no momentum encoder."""
+    README, "The three mechanisms", says why they do here); query n's positive is key n, its K = B - 1
+    negatives the other keys. Shuffle-BN as for MoCo (Sec. 3.3). No queue, no momentum encoder."""
 
     def __init__(self, base_encoder, dim=128, T=0.07, mlp=False, shuffle_bn=True):
         super().__init__()

@@ -634,7 +634,8 @@ def ablation_report(rows, args, seconds):
                          + " |")
         lines.append("| final pretext top-1 | " + " | ".join(cell(ablation_cells(rows, name, "knn", key="pretext_top1"))
                                                           for _, name, _, _ in runs) + " |")
-        lines.append("| paper (IN-1M linear, K 4096) | " + " | ".join(str(PAPER["momentum"][m]) for m in MOMENTA) + " |")
+        lines.append("| paper (IN-1M linear, K 4096) | " + " | ".join(str(PAPER["momentum"][m]) for m in MOMENTA)
+                     + " |")
     else:
         lines += ["| shuffle-BN | " + " | ".join(f"kNN at {f:g}" for f in SNAPSHOT_FRACS) + " | linear | "
                   "pretext top-1 at " + " | pretext top-1 at ".join(f"{f:g}" for f in SNAPSHOT_FRACS) + " |",
@@ -723,7 +724,8 @@ def ablation_plot(rows, args):
 # every location of the other N - 1 images), so the batch sets their number: (N - 1) x 64 locations per positive.
 DIM_BATCHES = (16, 32, 64, 128)
 PAPER_DIM = {  # CIFAR-10 top-1 % conv / fc / Y, 1000 epochs (Table 1); NDM (Table 3)
-    "dimL-jsd": "73.25 / 73.62 / 66.96, NDM 0.18", "dimL-nce": "75.21 / 75.57 / 69.13", "dimG": "52.2 / 52.84 / 43.17, NDM 0.35"}
+    "dimL-jsd": "73.25 / 73.62 / 66.96, NDM 0.18", "dimL-nce": "75.21 / 75.57 / 69.13",
+    "dimG": "52.2 / 52.84 / 43.17, NDM 0.35"}
 DIM_LAYERS = ("conv", "fc", "y")
 
 
@@ -827,7 +829,8 @@ def dim_report(rows, args, seconds):
         bad = sum(r["probe"] == "diverged" for r in rows if r["run"] == name)
         cells = [cell(dim_cells(rows, name, layer, "linear")) for layer in DIM_LAYERS]
         nd = dim_cells(rows, name, "y", "ndm")
-        lines.append(f"| {name} | {what} | " + " | ".join(cells) + f" | {'%.3f ± %.3f' % mean_std(nd) if nd else ''} | "
+        lines.append(f"| {name} | {what} | " + " | ".join(cells)
+                     + f" | {'%.3f ± %.3f' % mean_std(nd) if nd else ''} | "
                      f"{bad} | {own[0]['steps'] if own else ''} | "
                      f"{sum(r['time_s'] for r in own) / len(own) if own else 0:.0f} |")
     lines += ["", "The paper (CIFAR-10, 1000 epochs, Table 1 conv / fc / Y, Table 3 NDM): "

@@ -155,7 +155,8 @@ def test_local_samples_are_drawn_per_image_with_replacement(monkeypatch):
     model, _ = global_dim(["--preset", "dimL", "--mi-units", "16"])
     seen = []
     real = dim.DIM._mi
-    monkeypatch.setattr(dim.DIM, "_mi", staticmethod(lambda critic, c, y, est: seen.append(c) or real(critic, c, y, est)))
+    monkeypatch.setattr(dim.DIM, "_mi",
+                        staticmethod(lambda critic, c, y, est: seen.append(c) or real(critic, c, y, est)))
     x = torch.randn(8, 3, 32, 32)
     model(x, local_samples=20)
     full = model.encoder(x)["local"].flatten(2).transpose(1, 2)  # (8, 64, 128)
