@@ -103,10 +103,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Args):
         name = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help texts with %
         if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(name, type=f.type, default=f.default, help=f.metadata["help"])
+            p.add_argument(name, type=f.type, default=f.default, help=text)
     args = Args(**vars(p.parse_args(argv)))
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:

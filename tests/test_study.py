@@ -187,3 +187,11 @@ def test_dim_ablations_run_share_and_count_divergence(tmp_path, monkeypatch):
     table = (out / "results-dim-estimators.md").read_text()
     assert "| dimL-dv-B16 | dv | 16 (960) |" in table and "| 1 |" in table  # one diverged seed
     assert "| DIM(G) | gamma 1, no penalty |" in (out / "results-dim-prior.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["moco.py", "dim.py", "eval_linear.py", "convert.py", "study.py"])
+def test_help_prints(script):
+    """--help works for every script (a '%' in a help text once broke study.py's)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and "usage:" in p.stdout, p.stderr[-2000:]
