@@ -343,14 +343,48 @@ def record(path, **row):
           flush=True)
 
 
-def run_study(args):
-    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
-                          else "cpu")
+def setup(args):
+    """Checks --data, makes --out, sets the threads -> the device every experiment runs on."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
     os.makedirs(args.out, exist_ok=True)
+    return torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+                        else "cpu")
+
+
+def add_time(args, name, t_start):
+    """-> the wall time of an experiment, summed over the calls that resumed it (kept in OUT/NAME)."""
+    clock = os.path.join(args.out, name)
+    total = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
+    with open(clock, "w") as f:
+        f.write(f"{total:.1f}\n")
+    return total
+
+
+def write_text(args, name, lines):
+    """Writes OUT/NAME (a Markdown table) -> its text."""
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, name), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (a note) where matplotlib is missing: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("note: no matplotlib, no plot (pip install matplotlib)")
+        return None
+
+
+def run_study(args):
+    device = setup(args)
     log = os.path.join(args.out, "results.jsonl")
     done = {(r["method"], r["seed"], r["frac"]) for r in map(json.loads, open(log))} if os.path.exists(log) else set()
     t_start = time.perf_counter()
@@ -405,10 +439,7 @@ def run_study(args):
                     record(log, method=method, seed=seed, frac=frac, time_s=time_s, steps=n, layer=layer, probe=kind,
                            top1=top1)
     rows = [json.loads(l) for l in open(log)]
-    clock = os.path.join(args.out, "seconds.txt")  # the study's wall time, summed over calls that resumed it
-    total = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
-    with open(clock, "w") as f:
-        f.write(f"{total:.1f}\n")
+    total = add_time(args, "seconds.txt", t_start)
     table = report(rows, args, total)
     print(table)
     plot(rows, os.path.join(args.out, "results.png"))
@@ -452,20 +483,13 @@ def report(rows, args, seconds):
     lines += ["", f"total run time {moco.fmt_time(seconds)}; `python study.py {' '.join(sys.argv[1:])}`".rstrip(),
               "", "rerun these step counts exactly: `python study.py --steps "
               + ",".join(f"{m}={n}" for m, n in steps.items()) + "`"]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    return text
+    return write_text(args, "results.md", lines)
 
 
 def plot(rows, path):
     """Accuracy of the curve probe against pretraining seconds, mean ± std over seeds (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: no matplotlib, no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curve = [r for r in rows if r["probe"] == "curve"]
@@ -555,13 +579,7 @@ def evaluate_backbone(path, views, seed, args, device):
 
 
 def run_ablations(args):
-    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
-                          else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
-    os.makedirs(args.out, exist_ok=True)
+    device = setup(args)
     log = os.path.join(args.out, "results.jsonl")
     rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
     done = {(r["run"], r["seed"], r["frac"]) for r in rows}
@@ -595,10 +613,7 @@ def run_ablations(args):
                         row["pretext_curve"] = curve
                     rows.append(row)
                     record(log, **row)
-    clock = os.path.join(args.out, f"seconds-{args.experiment}.txt")  # wall time, summed over resumed calls
-    total_s = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
-    with open(clock, "w") as f:
-        f.write(f"{total_s:.1f}\n")
+    total_s = add_time(args, f"seconds-{args.experiment}.txt", t_start)
     text = ablation_report(rows, args, total_s)
     print(text)
     ablation_plot(rows, args)
@@ -653,20 +668,13 @@ def ablation_report(rows, args, seconds):
                          f"{len(own)} |")
     lines += ["", f"run time of this experiment's calls {moco.fmt_time(seconds)}; "
               f"`python study.py {' '.join(sys.argv[1:])}`".rstrip()]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, f"results-{args.experiment}.md"), "w") as f:
-        f.write(text + "\n")
-    return text
+    return write_text(args, f"results-{args.experiment}.md", lines)
 
 
 def ablation_plot(rows, args):
     """results-EXPERIMENT.png (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: no matplotlib, no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     runs = ablation_runs(args)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -760,13 +768,7 @@ def evaluate_dim(path, views, seed, args, device):
 
 
 def run_dim_ablations(args):
-    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
-                          else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
-    os.makedirs(args.out, exist_ok=True)
+    device = setup(args)
     log = os.path.join(args.out, "results.jsonl")
     rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
     done = {(r["run"], r["seed"]) for r in rows}
@@ -797,13 +799,9 @@ def run_dim_ablations(args):
                 row = dict(run=name, seed=seed, steps=ckpt["step"], time_s=ckpt["time_s"], layer=layer, probe=kind,
                            top1=value, final_local=last["local"], final_global=last["global"],
                            final_d_acc=last["d_acc"])
-                rows.append(row)
                 record(log, **row)
-    rows = [json.loads(l) for l in open(log)]
-    clock = os.path.join(args.out, f"seconds-{args.experiment}.txt")
-    total_s = (float(open(clock).read()) if os.path.exists(clock) else 0.0) + time.perf_counter() - t_start
-    with open(clock, "w") as f:
-        f.write(f"{total_s:.1f}\n")
+    rows = [json.loads(l) for l in open(log)]  # with the diverged runs' lines
+    total_s = add_time(args, f"seconds-{args.experiment}.txt", t_start)
     text = dim_report(rows, args, total_s)
     print(text)
     dim_plot(rows, args)
@@ -838,22 +836,15 @@ def dim_report(rows, args, seconds):
               + "; ".join(f"{k}: {v}" for k, v in PAPER_DIM.items()), "",
               f"run time of this experiment's calls {moco.fmt_time(seconds)}; "
               f"`python study.py {' '.join(sys.argv[1:])}`".rstrip()]
-    text = "\n".join(lines)
-    with open(os.path.join(args.out, f"results-{args.experiment}.md"), "w") as f:
-        f.write(text + "\n")
-    return text
+    return write_text(args, f"results-{args.experiment}.md", lines)
 
 
 def dim_plot(rows, args):
     """results-dim-estimators.png: conv accuracy against the batch (negatives) per estimator (needs matplotlib)."""
     if args.experiment != "dim-estimators":
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: no matplotlib, no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, layer in zip(axes, ("conv", "y")):

@@ -14,8 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import write_idx  # noqa: E402
 
 
-@pytest.mark.slow
-def test_study_runs_end_to_end(tmp_path):
+def small_idx_folder(tmp_path):
     x = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
     y = moco.read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))
     data = tmp_path / "fmnist"
@@ -23,12 +22,22 @@ def test_study_runs_end_to_end(tmp_path):
     for split, sl in (("train", slice(0, 1200)), ("t10k", slice(8000, 8400))):
         write_idx(data / f"{split}-images-idx3-ubyte.gz", x[sl])
         write_idx(data / f"{split}-labels-idx1-ubyte.gz", y[sl])
-    out = tmp_path / "out"
-    argv = ["--data", data, "--out", out, "--budget", 2, "--seeds", 2, "--methods", "dimL-jsd,moco,supervised",
-            "--probe-epochs", 3, "--mlp-epochs", 1, "--device", "cpu", "--knn-conv", "on"]
+    return data
+
+
+def run_study(argv):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
                        text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end(tmp_path):
+    data, out = small_idx_folder(tmp_path), tmp_path / "out"
+    argv = ["--data", data, "--out", out, "--budget", 2, "--seeds", 2, "--methods", "dimL-jsd,moco,supervised",
+            "--probe-epochs", 3, "--mlp-epochs", 1, "--device", "cpu", "--knn-conv", "on"]
+    log = run_study(argv)
     rows = [json.loads(l) for l in open(out / "results.jsonl")]
     got = {(r["method"], r["layer"], r["probe"], r["frac"]) for r in rows}
     for method, layers in (("dimL-jsd", ("conv", "fc", "y")), ("moco", ("conv", "backbone")),
@@ -47,7 +56,7 @@ def test_study_runs_end_to_end(tmp_path):
     trained, rnd = knn_conv({"dimL-jsd", "moco", "supervised"}), knn_conv({"random"})
     assert len(trained) == 6 and len(rnd) == 2
     assert sum(trained) / 6 > sum(rnd) / 2, (trained, rnd)
-    assert (out / "results.png").exists() or "no matplotlib" in p.stdout  # matplotlib is optional
+    assert (out / "results.png").exists() or "no matplotlib" in log  # matplotlib is optional
     table = (out / "results.md").read_text()
     for label in ("DIM(L) JSD", "MoCo v2", "supervised", "random init", "raw pixels"):
         assert f"| {label} |" in table
@@ -56,28 +65,9 @@ def test_study_runs_end_to_end(tmp_path):
     ck = [n for n in os.listdir(out / "moco" / "seed0") if n.startswith("ckpt_")]
     assert len(ck) == 2 and (out / "moco" / "seed0" / "metrics.jsonl").exists()
     # a second call finds every result and only rewrites the table
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
-                       text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
-    assert p.returncode == 0 and "$ python" not in p.stdout and "s per step" not in p.stdout, p.stdout[-2000:]
+    again = run_study(argv)
+    assert "$ python" not in again and "s per step" not in again, again[-2000:]
     assert len([json.loads(l) for l in open(out / "results.jsonl")]) == len(rows)
-
-
-def small_idx_folder(tmp_path):
-    x = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
-    y = moco.read_idx(os.path.join(ROOT, "data", "t10k-labels-idx1-ubyte.gz"))
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    for split, sl in (("train", slice(0, 1200)), ("t10k", slice(8000, 8400))):
-        write_idx(data / f"{split}-images-idx3-ubyte.gz", x[sl])
-        write_idx(data / f"{split}-labels-idx1-ubyte.gz", y[sl])
-    return data
-
-
-def run_study(argv):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
-                       text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
 
 
 @pytest.mark.slow
