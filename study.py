@@ -754,7 +754,8 @@ def dim_runs(experiment):
         return [((est, b), *dim_run("dimL", est, b)) for est in ("jsd", "nce", "dv") for b in DIM_BATCHES]
     return [(("DIM(L)", "gamma 0"), *dim_run("dimL", gamma=0)), (("DIM(L)", "gamma 0.1"), *dim_run("dimL")),
             (("DIM(L)", "gamma 0.1, no penalty"), *dim_run("dimL", gp=0)),
-            (("DIM(G)", "gamma 0"), *dim_run("dimG", gamma=0)), (("DIM(G)", "gamma 1"), *dim_run("dimG")),
+            (("DIM(G)", "gamma 0"), *dim_run("dimG", gamma=0)), (("DIM(G)", "gamma 0.1"), *dim_run("dimG", gamma=0.1)),
+            (("DIM(G)", "gamma 1"), *dim_run("dimG")),
             (("DIM(G)", "gamma 1, no penalty"), *dim_run("dimG", gp=0))]
 
 

@@ -164,7 +164,7 @@ def test_dim_ablations_run_share_and_count_divergence(tmp_path, monkeypatch):
     assert not any("dimL-jsd-B64" + os.sep in c for c in calls)  # run by dim-prior, reused
     rows = [json.loads(l) for l in open(out / "results.jsonl")]
     got = {(r["run"], r["layer"], r["probe"]) for r in rows}
-    for run in ("dimL-jsd-B64-g0", "dimG-B64", "dimG-B64-gp0", "dimL-nce-B128", "dimL-dv-B32"):
+    for run in ("dimL-jsd-B64-g0", "dimG-B64-g0.1", "dimG-B64", "dimG-B64-gp0", "dimL-nce-B128", "dimL-dv-B32"):
         assert {(run, l, "linear") for l in ("conv", "fc", "y")} | {(run, "y", "ndm")} <= got, run
     assert ("dimL-dv-B16", "", "diverged") in got
     args = json.load(open(out / "dimG-B64-gp0" / "seed0" / "args.json"))
