@@ -1,4 +1,4 @@
-"""Deep InfoMax (DIM) in one file: local, global and prior-matching objectives: CPU, one GPU, or many GPUs with torchrun.
+"""Deep InfoMax (DIM) in one file, local, global and prior-matching objectives: CPU, one GPU, or torchrun.
 
 Paper: Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler, Bengio, "Learning deep representations
 by mutual information estimation and maximization", ICLR 2019, arXiv 1808.06670v5. Equation numbers below are
@@ -47,22 +47,26 @@ from PIL import Image
 # ----------------------------------------------------------------------------------------------------
 # 1. Arguments
 # ----------------------------------------------------------------------------------------------------
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None):
+    """A flag: its default, its --help text and, for a choice, the values the parser accepts."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+DATASETS = ("folder", "cifar10", "cifar100", "stl10", "fashionmnist", "mnist")
 
 
 @dataclass
 class Args:
     # shared with moco.py
     data: str = arg("", "image folder or torchvision root; empty = built-in Fashion-MNIST (data/)")
-    dataset: str = arg("folder", "folder|cifar10|cifar100|stl10|fashionmnist|mnist (torchvision data at --data)")
+    dataset: str = arg("folder", "an image folder, or a torchvision data set stored at --data", DATASETS)
     download: bool = arg(False, "let torchvision download --dataset into --data")
     out: str = arg("runs/dim", "output folder: args.json, metrics.jsonl, ckpt.pt")
     epochs: int = arg(1000, "training epochs")                                  # paper: 1000
     batch_size: int = arg(64, "batch size")                                     # paper: 64
     lr: float = arg(1e-4, "Adam learning rate (encoder, critics and prior discriminator)")  # paper: 1e-4
     workers: int = arg(4, "data loader processes")
-    device: str = arg("auto", "auto|cpu|cuda")
+    device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     seed: int = arg(0, "random seed")
     resume: str = arg("", "checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
     max_steps: int = arg(0, "stop after this many optimisation steps (0 = no limit)")
@@ -71,20 +75,21 @@ class Args:
     amp: bool = arg(False, "bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing); ignored on CPU")
     compile: bool = arg(False, "torch.compile the encoder")
     knn_every: int = arg(1, "kNN monitor (on the fc features) every N epochs (0 = off)")
-    preset: str = arg("small", "small|dimL|dimG|dimLG: named overrides, see PRESETS")
+    preset: str = arg("small", "named overrides, see PRESETS", ("small", "dimL", "dimG", "dimLG"))
     # DIM                                                                       # paper Eq. (8)
     arch: str = arg("basic32", "basic32 (32x32) | alex64 (64x64) | a torchvision ResNet name (resnet18, ...)")
     y_dim: int = arg(64, "size of the global feature Y")                        # paper: 64
     alpha: float = arg(0.0, "weight of the global MI objective")
     beta: float = arg(1.0, "weight of the local MI objective (mean over locations)")
     gamma: float = arg(0.1, "weight of the prior-matching objective (0 = no discriminator)")
-    estimator: str = arg("jsd", "jsd (Eq. 4) | nce (Eq. 5) | dv (Eq. 2)")
-    critic: str = arg("dot", "local critic: dot (encode-and-dot-product) | concat (concat-and-convolve)")
+    estimator: str = arg("jsd", "jsd (Eq. 4), nce (Eq. 5) or dv (Eq. 2)", ("jsd", "nce", "dv"))
+    critic: str = arg("dot", "local critic: encode-and-dot-product or concat-and-convolve", ("dot", "concat"))
     mi_units: int = arg(2048, "width of the encode-and-dot-product critics")    # official: 2048
-    global_critic: str = arg("mlp", "global critic: mlp (paper: [layer, Y] -> 512-512-1) | dot (official GlobalDIM: "
-                                    "a copy of the encoder's upper layers and a linear map of Y, dot product)")
-    global_layer: str = arg("conv", "what the global critic reads with Y: conv (paper: the last conv layer, "
-                                    "256x4x4 for basic32) | local (the local map C; official GlobalDIM)")
+    global_critic: str = arg("mlp", "global critic: mlp (paper: [layer, Y] -> 512-512-1) or dot (official GlobalDIM: "
+                                    "a copy of the encoder's upper layers and a linear map of Y, dot product)",
+                             ("mlp", "dot"))
+    global_layer: str = arg("conv", "what the global critic reads with Y: conv (paper: the last conv layer, 256x4x4 "
+                                    "for basic32) or local (the local map C; official GlobalDIM)", ("conv", "local"))
     local_samples: int = arg(0, "use this many random locations of the local map per image and step (0 = all)")
     prior_gp: float = arg(1.0, "gradient penalty on the prior discriminator, the mean over real and fake of "
                                "E|grad D|^2 (official code: 1.0)")
@@ -92,11 +97,12 @@ class Args:
     beta1: float = arg(0.5, "Adam beta1 (official code: 0.5)")
     beta2: float = arg(0.999, "Adam beta2")
     wd: float = arg(0.0, "weight decay")
-    aug: str = arg("auto", "none | crop (random crop + horizontal flip) | auto (crop when image-size >= 64)")
+    aug: str = arg("auto", "crop = random crop + horizontal flip; auto = crop when image-size >= 64",
+                   ("auto", "none", "crop"))
     image_size: int = arg(0, "input size (0 = the encoder's: 32 for basic32 and ResNets, 64 for alex64)")
-    gpu_aug: str = arg("auto", "auto|on|off: in-memory data (built-in, CIFAR, MNIST, STL-10) as uint8 on the device, "
-                               "prepared there in batches (gpu_aug.py); auto = on a GPU, and on the CPU for "
-                               "images of at most 64 px")
+    gpu_aug: str = arg("auto", "in-memory data (built-in, CIFAR, MNIST, STL-10) as uint8 on the device, prepared "
+                               "there in batches (gpu_aug.py); auto = on a GPU, and on the CPU for images of at "
+                               "most 64 px", ("auto", "on", "off"))
 
 
 PAPER = dict(epochs=1000, batch_size=64, lr=1e-4, beta1=0.5, estimator="jsd", critic="dot")
@@ -109,8 +115,6 @@ PRESETS = {
     # (official: 2048)
     "small": dict(PAPER, alpha=0.0, beta=1.0, gamma=0.1, epochs=1, mi_units=256, workers=2),
 }
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +307,6 @@ def prior_encoder_loss(d, y):
     return F.softplus(-d(torch.sigmoid(y.float())).float()).mean()
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # 3. Encoders: x -> local map C (N, C, M, M) -> conv tap -> fc tap -> Y (N, 64); Y = f(C(x)) (Sec. 3)
 # ----------------------------------------------------------------------------------------------------
@@ -372,8 +375,6 @@ def build_encoder(arch, image_size, y_dim=64):
     raise UserError(f"unknown --arch {arch!r}: basic32, alex64 or a torchvision ResNet name")
 
 
-
-
 def encoder_for_eval(ckpt, layer):
     """A dim.py checkpoint dict -> frozen eval-mode module: images -> features of `layer` (conv, fc or y).
     ckpt['model'] None keeps the random initialisation (the baseline of the same architecture)."""
@@ -393,9 +394,8 @@ def encoder_for_eval(ckpt, layer):
     return tap
 
 
-
 # ----------------------------------------------------------------------------------------------------
-# 4. Training (the plumbing it shares with moco.py is class Run, in the appendix)
+# 4. Training: one step of Eq. (8), train() on class Run (the plumbing shared with moco.py, Appendix C), main
 # ----------------------------------------------------------------------------------------------------
 def train_step(net, prior, opts, scalers, x, args, amp_dtype):
     """One step of Eq. (8) on the batch x (B, 3, S, S): the encoder and the MI critics under autocast; the prior
@@ -458,61 +458,6 @@ def train(argv=None):
     return model, prior
 
 
-def resolve(args):
-    """Fill in the automatic values, so that args.json and the checkpoint hold the numbers actually used."""
-    size = args.image_size or (64 if args.arch == "alex64" else 32)
-    # NOTE(deviation): the paper augments STL-10 only (random 64x64 crops + flips, Sec. 4); auto crops and flips
-    # every input of 64 px or more (STL-10, Tiny ImageNet, image folders), and nothing smaller (CIFAR, MNIST)
-    aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
-    return dataclasses.replace(args, image_size=size, aug=aug)
-
-
-def batch_prepare(gpu_aug, args, stats, device):
-    """The --gpu-aug twin of transforms(): gpu_aug.BatchPrepare, one view per image."""
-    return gpu_aug.BatchPrepare(args.image_size, args.aug, MEAN_STD[stats]), 1
-
-
-def check_hparams(args):
-    """Values that make no sense stop here, before any work, in one line (exit 2)."""
-    for bad, msg in [
-        (args.estimator not in ESTIMATORS, f"--estimator must be jsd, nce or dv, not {args.estimator!r}"),
-        (args.critic not in ("dot", "concat"), f"--critic must be dot or concat, not {args.critic!r}"),
-        (args.global_critic not in ("mlp", "dot"), f"--global-critic must be mlp or dot, not {args.global_critic!r}"),
-        (args.global_layer not in ("conv", "local"),
-         f"--global-layer must be conv or local, not {args.global_layer!r}"),
-        (args.aug not in ("none", "crop"), f"--aug must be none, crop or auto, not {args.aug!r}"),
-        (args.gpu_aug not in ("auto", "on", "off"), f"--gpu-aug must be auto, on or off, not {args.gpu_aug!r}"),
-        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),
-        (args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64,
-         f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}"),
-        (not all(0 <= w < math.inf for w in (args.alpha, args.beta, args.gamma)) or args.alpha + args.beta == 0,
-         "--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)"),
-        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
-        (args.batch_size < 2, "--batch-size must be at least 2 (the negatives come from the other images)"),
-        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
-        (not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
-        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
-        (not 0 <= args.prior_gp < math.inf, f"--prior-gp {args.prior_gp} must be >= 0"),
-        (min(args.y_dim, args.mi_units) < 1, "--y-dim and --mi-units must be >= 1"),
-        (args.local_samples < 0, f"--local-samples {args.local_samples} must be >= 0 (0 = all locations)"),
-        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
-        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
-        (min(args.max_steps, args.save_every, args.knn_every) < 0,
-         "--max-steps, --save-every and --knn-every must be >= 0"),
-    ]:
-        if bad:
-            raise UserError(msg)
-
-
-
-
-def check_args(args, world):
-    """The checks that need the number of processes."""
-    if args.batch_size % world or args.batch_size // world < 2:
-        raise UserError(f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of "
-                        "2 or more images")
-
-
 # --- shared: main ---
 def main(argv=None):
     try:
@@ -535,7 +480,7 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------
 # --- shared: data ---
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMG_EXT = torchvision.datasets.folder.IMG_EXTENSIONS + (".gif",)  # ImageFolder's, any case, and GIF
 MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # the notebook's values
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -562,147 +507,114 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-class ArrayData:
-    """uint8 images [N, H, W] or [N, H, W, 3] in memory, with integer labels."""
+class ArrayData(torch.utils.data.Dataset):
+    """uint8 images [N, H, W] or [N, H, W, 3] in memory with integer labels, in the fields torchvision's in-memory
+    data sets (MNIST, CIFAR) have: `data` and `targets`. Every data set here yields (RGB PIL image, label)."""
 
-    def __init__(self, images, labels):
-        self.images, self.labels = images, [int(y) for y in labels]
+    def __init__(self, data, targets):
+        self.data, self.targets = data, [int(y) for y in targets]
 
     def __len__(self):
-        return len(self.labels)
+        return len(self.targets)
 
-    def get(self, i):
-        return to_rgb(Image.fromarray(self.images[i])), self.labels[i]
+    def __getitem__(self, i):
+        return to_rgb(Image.fromarray(self.data[i])), self.targets[i]
 
 
-def class_folders(root):
-    """torchvision's find_classes (the sorted sub-folders), hidden ones (.ipynb_checkpoints, ...) left out."""
+def read_image(path):
+    """The image folders' loader: an unreadable or truncated image stops the run with its path (documented)."""
     try:
-        return [c for c in torchvision.datasets.folder.find_classes(root)[0] if not c.startswith(".")]
-    except FileNotFoundError:  # no sub-folder at all
-        return []
+        with Image.open(path) as img:
+            return to_rgb(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path} ({e}); remove or replace it")
 
 
-class FolderData:
-    """ROOT/<class>/**/<image> with torchvision ImageFolder's conventions (make_dataset): the classes are the sorted
-    sub-folders, the images are found recursively in each (Tiny ImageNet's train/<wnid>/images/*.JPEG), sorted.
-    `class_to_idx` labels another split (val) by train's class names; an unreadable or truncated image stops the
-    run with its path (documented)."""
+class Folder(torchvision.datasets.DatasetFolder):
+    """ROOT/<class>/**/<image> with ImageFolder's conventions: the classes are the sorted sub-folders (hidden ones
+    such as .ipynb_checkpoints left out), the images are found recursively in each (Tiny ImageNet's
+    train/<wnid>/images/*.JPEG). `classes` (train's) labels another split (val) by class name."""
 
-    def __init__(self, root, files=None, class_to_idx=None):
-        if files is None:
-            if class_to_idx is None:
-                class_to_idx = {c: i for i, c in enumerate(class_folders(root))}
-                if not class_to_idx:
-                    raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-            files = torchvision.datasets.folder.make_dataset(root, class_to_idx, IMG_EXT, allow_empty=True)
-            found = {y for _, y in files}
-            for c, i in class_to_idx.items():
-                if i not in found and os.path.isdir(os.path.join(root, c)):
-                    raise UserError(f"class folder {os.path.join(root, c)} has no images")
-        self.files, self.class_to_idx, self.labels = files, class_to_idx, [y for _, y in files]
+    def __init__(self, root, classes=None):
+        self.given = classes
+        super().__init__(root, read_image, IMG_EXT, allow_empty=True)
+        for c in sorted(set(self.classes) - {self.classes[y] for y in self.targets}):
+            if os.path.isdir(os.path.join(root, c)):  # val may lack a class folder, but not hold an empty one
+                raise UserError(f"class folder {os.path.join(root, c)} has no images")
 
-    def __len__(self):
-        return len(self.files)
-
-    def get(self, i):
-        path, y = self.files[i]
-        try:
-            with Image.open(path) as img:
-                return to_rgb(img), y
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"cannot read image {path} ({e}); remove or replace it")
+    def find_classes(self, root):
+        classes = self.given or sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+        if not classes:
+            raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+        return classes, {c: i for i, c in enumerate(classes)}
 
 
-class TorchvisionData:
-    def __init__(self, ds):
-        self.ds = ds
-        y = getattr(ds, "targets", getattr(ds, "labels", None))  # CIFAR, MNIST: targets; STL-10: labels (-1 unlabeled)
-        self.labels = np.asarray(y).tolist() if y is not None else [int(ds[i][1]) for i in range(len(ds))]
-
-    def __len__(self):
-        return len(self.ds)
-
-    def get(self, i):
-        img, y = self.ds[i]
-        return to_rgb(img), int(y)
-
-
-class Subset:
-    """Images idx[0], idx[1], ... of a data set: its labelled images, or one rank's share."""
-
-    def __init__(self, base, idx):
-        self.base, self.idx = base, idx
-
-    def __len__(self):
-        return len(self.idx)
-
-    def get(self, i):
-        return self.base.get(self.idx[i])
-
-    @property
-    def labels(self):
-        return [self.base.labels[i] for i in self.idx]
+def targets(ds):
+    """The labels of a data set as a list (`targets`; STL-10's `labels`, -1 = unlabelled), through Subsets."""
+    if isinstance(ds, torch.utils.data.Subset):
+        t = targets(ds.dataset)
+        return [t[i] for i in ds.indices]
+    return np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels).tolist()
 
 
 def labelled(ds, what, hint):
     """The images of `ds` with a label (>= 0): every image trains, but only these enter a kNN bank, a kNN test set
     or a probe (STL-10's 'train+unlabeled' marks its 100,000 unlabeled images with -1)."""
-    keep = [i for i, y in enumerate(ds.labels) if y >= 0]
+    keep = [i for i, y in enumerate(targets(ds)) if y >= 0]
     if not keep:
         raise UserError(f"{what} has no labelled images (label >= 0){hint}")
-    return ds if len(keep) == len(ds) else Subset(ds, keep)
+    return ds if len(keep) == len(ds) else torch.utils.data.Subset(ds, keep)
 
 
 def load_data(args):
     """-> (train, test, stats name). Built-in data: the 10,000 Fashion-MNIST test images shipped in data/,
     images 0-7999 for training (and the kNN bank), 8000-9999 for testing."""
     if not args.data:
-        x = read_idx(os.path.join(HERE, "data", "t10k-images-idx3-ubyte.gz"))
-        y = read_idx(os.path.join(HERE, "data", "t10k-labels-idx1-ubyte.gz"))
+        x, y = (read_idx(os.path.join(HERE, "data", f"t10k-{k}-ubyte.gz")) for k in ("images-idx3", "labels-idx1"))
         return ArrayData(x[:8000], y[:8000]), ArrayData(x[8000:], y[8000:]), "fashionmnist"
     root = os.path.expanduser(args.data)
     if not os.path.isdir(root) and not (args.download and args.dataset != "folder"):
         raise UserError(f"--data {args.data}: no such folder")
     if args.dataset == "folder":
-        tr, val, test = os.path.join(root, "train"), os.path.join(root, "val"), None
-        train = FolderData(tr if os.path.isdir(tr) else root)
-        if os.path.isdir(tr) and os.path.isdir(val):  # val's class folders are labelled by train's class names
-            subs = class_folders(val)
-            unknown = [c for c in subs if c not in train.class_to_idx]
-            if subs and not unknown:
-                test = FolderData(val, class_to_idx=train.class_to_idx)
-            elif world_info()[0] == 0:  # e.g. Tiny ImageNet's val/images/*.JPEG + val_annotations.txt
-                why = f"{os.path.join(val, unknown[0])} is not a class of {tr}" if unknown else "no class folders"
-                print(f"note: {val} is not used ({why}); every 10th training image is held out for testing instead",
-                      flush=True)
-        if test is None:  # no usable val folder: every 10th image of the class-sorted list is held out for testing
-            test = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 == 9], train.class_to_idx)
-            train = FolderData(None, [f for j, f in enumerate(train.files) if j % 10 != 9], train.class_to_idx)
-        return train, test, "imagenet"
+        return (*folder_splits(root), "imagenet")
     idx = [os.path.join(root, f"{s}-{k}-ubyte.gz") for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
     if args.dataset in ("fashionmnist", "mnist") and all(map(os.path.isfile, idx)):  # the four IDX files in --data
         x, y, xt, yt = (read_idx(p) for p in idx)  # (as Debian's dataset-fashion-mnist installs them)
         return ArrayData(x, y), ArrayData(xt, yt), args.dataset
     tv = torchvision.datasets
-    kw = dict(root=root, download=args.download)
+    cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "fashionmnist": tv.FashionMNIST, "mnist": tv.MNIST,
+           "stl10": tv.STL10}.get(args.dataset)
+    if cls is None:
+        raise UserError(f"unknown --dataset {args.dataset!r}")
+    splits = ({"split": "train+unlabeled"}, {"split": "test"}) if cls is tv.STL10 else ({"train": 1}, {"train": 0})
     try:
-        if args.dataset in ("cifar10", "cifar100", "fashionmnist", "mnist"):
-            cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "fashionmnist": tv.FashionMNIST,
-                   "mnist": tv.MNIST}[args.dataset]
-            train, test = cls(train=True, **kw), cls(train=False, **kw)
-        elif args.dataset == "stl10":
-            train, test = tv.STL10(split="train+unlabeled", **kw), tv.STL10(split="test", **kw)
-        else:
-            raise UserError(f"unknown --dataset {args.dataset!r}")
+        return (*(cls(root=root, download=args.download, transform=to_rgb, **s) for s in splits), args.dataset)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise UserError(f"--dataset {args.dataset} at {root}: {str(e).splitlines()[0]} (add --download?)")
-    return TorchvisionData(train), TorchvisionData(test), args.dataset
+
+
+def folder_splits(root):
+    """-> (train, test) of an image folder: ROOT/train and ROOT/val (val's class folders labelled by train's class
+    names), else every 10th image of the class-sorted list of ROOT/train or ROOT is held out for testing."""
+    tr, val = os.path.join(root, "train"), os.path.join(root, "val")
+    train = Folder(tr if os.path.isdir(tr) else root)
+    if os.path.isdir(tr) and os.path.isdir(val):
+        subs = sorted(e.name for e in os.scandir(val) if e.is_dir() and e.name[0] != ".")
+        unknown = [c for c in subs if c not in train.class_to_idx]
+        if subs and not unknown:
+            return train, Folder(val, train.classes)
+        if world_info()[0] == 0:  # e.g. Tiny ImageNet's val/images/*.JPEG + val_annotations.txt
+            why = f"{os.path.join(val, unknown[0])} is not a class of {tr}" if unknown else "no class folders"
+            print(f"note: {val} is not used ({why}); every 10th training image is held out for testing instead",
+                  flush=True)
+    held_out = [j % 10 == 9 for j in range(len(train))]
+    return (torch.utils.data.Subset(train, [j for j, h in enumerate(held_out) if not h]),
+            torch.utils.data.Subset(train, [j for j, h in enumerate(held_out) if h]))
 
 
 class Seeded(torch.utils.data.Dataset):
-    """Applies `transform` to base.get(i) under a per-sample seed, so that augmentations depend only on
-    (seed, epoch, position) and not on the worker count: resuming mid-epoch gives identical batches."""
+    """`transform` of base[i] under a per-sample seed, so that augmentations depend only on (seed, epoch, position)
+    and not on the worker count: resuming mid-epoch gives identical batches."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -712,7 +624,7 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, None)
-        img, y = self.base.get(i)
+        img, y = self.base[i]
         if seed is None:
             return self.transform(img), y
         with torch.random.fork_rng(devices=[]):
@@ -747,31 +659,7 @@ def loader(ds, batch, workers, sampler=None, device=None):
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
                                        num_workers=workers, pin_memory=device is not None and device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(0))
-
-
-def device_images(ds, device):
-    """An in-memory data set as (uint8 [N, 3, H, W] on `device`, int64 labels [N]), or None (image folders).
-    Takes ArrayData or TorchvisionData over a data set with a uint8 `.data` array (CIFAR, MNIST, STL-10)."""
-    if isinstance(ds, ArrayData):
-        x, y = ds.images, ds.labels
-    elif isinstance(ds, TorchvisionData) and hasattr(ds.ds, "data"):
-        x = ds.ds.data
-        y = getattr(ds.ds, "targets", getattr(ds.ds, "labels", None))
-    else:
-        return None
-    x = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)  # a writable copy
-    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or y is None or len(y) != len(x):
-        return None
-    if x.dim() == 3:  # greyscale (N, H, W) -> RGB, as to_rgb does
-        x = x[:, None].expand(-1, 3, -1, -1)
-    elif x.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W); STL-10 is stored channels first already
-        x = x.permute(0, 3, 1, 2)
-    if x.shape[1] != 3:
-        return None
-    return x.contiguous().to(device), torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
 # --- end shared: data ---
-
-
 
 
 def test_transform(size, stats):
@@ -790,18 +678,22 @@ def transforms(args, stats):
     return train, test
 
 
-
 # ----------------------------------------------------------------------------------------------------
-# Appendix B. Monitoring: weighted kNN on frozen features (k=200, t=0.1, cosine similarity, as moco.py)
+# Appendix B. Monitoring: weighted kNN on frozen features (the CIFAR notebook: k=200, t=0.1, cosine)
 # ----------------------------------------------------------------------------------------------------
 # --- shared: knn ---
 @torch.no_grad()
-def extract(encode, data, device):
-    """-> features (M, D) in fp32 and labels (M,) of a loader, in order."""
+def extract(encode, batches, device):
+    """-> features (M, D) in fp32 (a dict of them where `encode` returns a dict of taps) and labels (M,) of
+    (images, labels) batches, in order: the one feature-extraction path of the kNN monitor, eval_linear.py and
+    study.py."""
     feats, labels = [], []
-    for x, y in data:
-        feats.append(encode(x.to(device, non_blocking=True)).float().flatten(1))
+    for x, y in batches:
+        f = encode(x.to(device, non_blocking=True))
+        feats.append({k: v.float().flatten(1) for k, v in f.items()} if isinstance(f, dict) else f.float().flatten(1))
         labels.append(y.to(device))
+    if isinstance(feats[0], dict):
+        return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, torch.cat(labels)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -814,7 +706,7 @@ def extract_all(encode, ds, tf, workers, device):
     if len(ds) < world:
         raise UserError(f"{len(ds)} images cannot be shared by {world} processes")
     bounds = [r * len(ds) // world for r in range(world + 1)]
-    share = Subset(ds, range(bounds[rank], bounds[rank + 1]))
+    share = torch.utils.data.Subset(ds, range(bounds[rank], bounds[rank + 1]))
     f, y = extract(encode, loader(Seeded(share, tf), 512, workers, device=device), device)  # (m, D), (m,)
     if world == 1:
         return f, y
@@ -827,22 +719,16 @@ def extract_all(encode, ds, tf, workers, device):
 
 
 @torch.no_grad()
-def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1, chunk=1024):
-    """Wu et al. 2018 (arXiv 1805.01978v1) weighted kNN: the top-k cosine neighbours vote exp(s/t)."""
-    preds = []
-    chunk = max(1, min(chunk, 2 ** 28 // len(bank)))  # a (chunk, M) block of at most 1 GB: 209 rows for ImageNet
-    for f in feats.split(chunk):
-        sim, idx = (f @ bank.T).topk(min(k, len(bank)), dim=1)  # (n, k)
-        votes = torch.zeros(len(f), classes, device=f.device)  # (n, classes)
-        preds.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()).argmax(1))
-    return torch.cat(preds)
-
-
-def knn_top1(bank, bank_y, test, test_y, k=200, t=0.1):
-    """Top-1 % of the weighted kNN classifier on cosine similarity (features L2-normalised here)."""
+def knn_top1(bank, bank_y, test, test_y, k=200, t=0.1, chunk=1024):
+    """Top-1 % of Wu et al. 2018's (arXiv 1805.01978v1) weighted kNN: the top-k cosine neighbours vote exp(s/t)."""
     bank, test = F.normalize(bank, dim=1), F.normalize(test, dim=1)  # (M, D), (n, D)
-    classes = int(max(bank_y.max(), test_y.max())) + 1
-    return (knn_predict(test, bank, bank_y, classes, k, t) == test_y).float().mean().item() * 100
+    classes, preds = int(max(bank_y.max(), test_y.max())) + 1, []
+    chunk = max(1, min(chunk, 2 ** 28 // len(bank)))  # a (chunk, M) block of at most 1 GB: 209 rows for ImageNet
+    for f in test.split(chunk):
+        sim, idx = (f @ bank.T).topk(min(k, len(bank)), dim=1)  # (c, k)
+        votes = torch.zeros(len(f), classes, device=f.device)  # (c, classes)
+        preds.append(votes.scatter_add_(1, bank_y[idx], (sim / t).exp()).argmax(1))
+    return (torch.cat(preds) == test_y).float().mean().item() * 100
 
 
 def knn_accuracy(encode, bank_set, test_set, tf, workers, device, k=200, t=0.1):
@@ -851,20 +737,14 @@ def knn_accuracy(encode, bank_set, test_set, tf, workers, device, k=200, t=0.1):
     if world_info()[1] > 1:  # BN statistics are rank-local until DDP's next forward: use rank 0's (the checkpoint's)
         for b in encode.buffers():
             dist.broadcast(b, 0)
-    bank, bank_y = extract_all(encode, bank_set, tf, workers, device)  # (M, D), (M,)
+    bank, bank_y = extract_all(encode.eval(), bank_set, tf, workers, device)  # (M, D), (M,)
     test, test_y = extract_all(encode, test_set, tf, workers, device)  # (n, D), (n,)
     return knn_top1(bank, bank_y, test, test_y, k, t)
-
-
-def knn_monitor(encode, bank_set, test_set, tf, workers, device):
-    """-> (kNN top-1 %, seconds it took): the monitor's cost is logged beside its result."""
-    t0 = time.perf_counter()
-    return knn_accuracy(encode.eval(), bank_set, test_set, tf, workers, device), time.perf_counter() - t0
 # --- end shared: knn ---
 
 
 # ----------------------------------------------------------------------------------------------------
-# Appendix C. Utilities: device, checkpoints, RNG, logging, arguments, and the run loop shared with moco.py
+# Appendix C. Utilities: device, checkpoints, RNG, arguments, and the run loop shared with moco.py
 # ----------------------------------------------------------------------------------------------------
 # --- shared: utilities ---
 class UserError(Exception):
@@ -873,8 +753,6 @@ class UserError(Exception):
 
 def setup_device(args):
     """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -885,11 +763,10 @@ def setup_device(args):
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed + rank)
-    return device, rank, world
+    return torch.device("cuda", local) if use_cuda else torch.device("cpu"), rank, world
 
 
 def world_info():
@@ -906,27 +783,26 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, algo):
+def load_checkpoint(path, algo=None):
+    """-> the checkpoint dict at `path`, of `algo` (moco, dim) if given; every script's one loader."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated file, not a torch file, ...
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("algo") != algo:
+    if not isinstance(ckpt, dict) or algo and ckpt.get("algo") != algo:
         found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a {algo}.py checkpoint (found: {found})")
+        raise UserError(f"{path} is not a {algo + '.py checkpoint' if algo else 'checkpoint dict'} (found: {found})")
     return ckpt
 
 
 def rng_states(device):
     """Every rank's random state, in rank order (under torchrun a collective: call it on every rank)."""
     mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    rank, world = world_info()
-    if world == 1:
-        return [mine]
-    states = [None] * world
-    dist.all_gather_object(states, mine)
+    states = [mine] * world_info()[1]
+    if len(states) > 1:
+        dist.all_gather_object(states, mine)
     return states
 
 
@@ -942,48 +818,29 @@ def set_rng_state(states, device):
     return True
 
 
-class Logger:
-    """Readable lines on stdout and one JSON object per line in OUT/metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, out, enabled):
-        self.enabled, self.path = enabled, os.path.join(out, "metrics.jsonl")
-
-    def __call__(self, text, **metrics):
-        if self.enabled:
-            print(text, flush=True)
-            if metrics:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-
-
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def make_out(path):
-    """The output folder, made if missing; a path that cannot be one (a file, no permission) is a one-line error."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot make the output folder ({e.strerror or e})") from None
-
-
-def parse_args(argv=None):
-    """Dataclass defaults <- preset <- flags given on the command line (<- checkpoint args on resume)."""
+def parse_args(argv=None, cls=None, presets=None):
+    """-> (cls(...), the flags given): dataclass defaults <- preset <- flags on the command line. Every script's
+    parser (moco.py, dim.py, eval_linear.py, study.py): a field's `choices` are checked, errors are one line."""
     import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UserError(message)
+    cls, presets = cls or Args, PRESETS if presets is None else presets
+    p = Parser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        name, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse formats %
+        if f.type is bool:
+            p.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, help=f"{f.metadata['help']} (default {f.default!r})")
+            p.add_argument(name, type=f.type, choices=f.metadata["choices"], help=f"{text} (default {f.default!r})")
     given = vars(p.parse_args(argv))
-    preset = given.get("preset", Args.preset)
-    if preset not in PRESETS:
-        raise UserError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
-    return Args(**{**PRESETS[preset], **given}), given
+    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})  # the parser checked its name
+    return cls(**{**preset, **given}), given
 # --- end shared: utilities ---
 
 
@@ -1003,17 +860,18 @@ class Run:
                 self.ckpt = load_checkpoint(self.src, algo)
                 args = Args(**{**self.ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
         self.args = args = resolve(args)
-        check_hparams(args)
         self.device, self.rank, self.world = setup_device(args)
         check_args(args, self.world)
-        self.log = Logger(args.out, self.rank == 0)
         if self.rank == 0:
-            make_out(args.out)
+            try:
+                os.makedirs(args.out, exist_ok=True)
+            except OSError as e:  # a file, no permission
+                raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
             with open(os.path.join(args.out, "args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=1)
-            self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
-            if self.ckpt is None and args.resume == "auto":
-                self.log(f"note: --resume auto found no {self.path}; starting fresh")
+        self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+        if self.ckpt is None and args.resume == "auto":
+            self.log(f"note: --resume auto found no {self.path}; starting fresh")
         self.amp_dtype = None
         if args.amp and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -1021,6 +879,14 @@ class Run:
         elif args.amp:
             self.log("note: --amp is ignored on the CPU")
         self.fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    def log(self, text, **metrics):
+        """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl (rank 0 only)."""
+        if self.rank == 0:
+            print(text, flush=True)
+            if metrics:
+                with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
 
     def data(self):
         """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
@@ -1037,24 +903,30 @@ class Run:
         hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
         self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
         self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
-        self.gpu = device_path(train_set, stats, self)  # (uint8 images on the device, prepare, views) or None
+        self.gpu_batches = None  # --gpu-aug, speed only: gpu_aug.py, imported on that path alone (README "Speed")
+        if args.gpu_aug != "off":
+            try:
+                import gpu_aug
+                self.gpu_batches = gpu_aug.device_path(train_set, args, device, self.sampler, self.log,
+                                                       lambda: batch_prepare(gpu_aug, args, stats, device))
+            except ImportError:
+                if args.gpu_aug == "on":
+                    raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
         some = f" ({len(self.bank_set)} labelled: the kNN bank)" if len(self.bank_set or train_set) < len(train_set) \
             else ""
         self.log(f"data: {len(train_set)} images{some}, " + (
-            f"uint8 on {device}, augmented there in batches (gpu_aug.py)" if self.gpu else
+            f"uint8 on {device}, augmented there in batches (gpu_aug.py)" if self.gpu_batches else
             f"augmented by the CPU loader with {args.workers} workers"))
 
     def batches(self, epoch):
         """The rest of the epoch's batches on the device: (a tensor (B, 3, S, S) or a tuple of views, the images'
         indices in the training set (B,))."""
         idx = torch.tensor([i for i, _ in self.sampler], device=self.device).view(-1, self.sampler.batch)
-        if self.gpu is not None:
-            import gpu_aug
-            yield from zip(gpu_aug.batches(*self.gpu, self.sampler, self.args.seed, epoch), idx)
+        if self.gpu_batches is not None:
+            yield from zip(self.gpu_batches(epoch), idx)
             return
-        for (x, _), i in zip(self.loader, idx):
-            x = x if isinstance(x, list) else [x]
-            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in x]
+        for (x, _), i in zip(self.loader, idx):  # x: a tensor, or a list of views
+            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in (x if type(x) is list else [x])]
             yield tuple(x) if len(x) > 1 else x[0], i
 
     def restore(self, state):
@@ -1085,7 +957,7 @@ class Run:
         """The step loop from start = (epoch, position in it, step): step_fn(batch, the images' indices) -> a tensor
         of the `metrics` (name -> format, None = JSON only), summed on the device and read back only when a line is
         logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
-        args, log, world = self.args, self.log, self.world
+        args, world = self.args, self.world
         epoch, pos, step = start
         per_epoch = self.sampler.steps()
         total = min(args.max_steps or math.inf, args.epochs * per_epoch)
@@ -1117,10 +989,10 @@ class Run:
                     first, last = first if first is not None else m["loss"], m["loss"]
                     eta = (time.perf_counter() - self.t_start) / max(1, step - done0) * (total - step)
                     shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
-                    log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} {shown} lr {lr:.4g} img/s "
-                        f"{seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
-                        step=step, epoch=epoch + pos / per_epoch, **m, lr=lr, img_s=seen * args.batch_size / dt,
-                        data_wait=wait / dt, time_s=self.elapsed())
+                    self.log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} {shown} lr {lr:.4g} img/s "
+                             f"{seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
+                             step=step, epoch=epoch + pos / per_epoch, **m, lr=lr, img_s=seen * args.batch_size / dt,
+                             data_wait=wait / dt, time_s=self.elapsed())
                     t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
                 if saving:
                     self.save(state, epoch, pos, step)
@@ -1132,38 +1004,64 @@ class Run:
         if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
             knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
         loss_txt = "n/a" if first is None else f"{first:.4f} -> {last:.4f}"
-        log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
-            f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
+        self.log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
+                 f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
         if world > 1:
             dist.destroy_process_group()
 
     def knn(self, encode, name, when, step, epoch):
-        knn, knn_s = knn_monitor(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        t0 = time.perf_counter()
+        knn = knn_accuracy(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        knn_s = time.perf_counter() - t0
         self.log(f"{when} kNN top-1{name} {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn, knn_s=knn_s)
         return knn
-
-
-def device_path(train_set, stats, run):
-    """--gpu-aug: (uint8 images on the device, the script's batched augmentation, views per image), or None for the
-    CPU loader. auto = on for in-memory data on a GPU, and on the CPU for images of at most 64 px (measured faster
-    there, README "Speed"); the plain path needs nothing of gpu_aug.py."""
-    args, device = run.args, run.device
-    if args.gpu_aug == "off":
-        return None
-    images = device_images(train_set, device)
-    small = images is not None and max(images[0].shape[-2:]) <= 64
-    if images is None or args.gpu_aug == "auto" and device.type != "cuda" and not small:
-        if args.gpu_aug == "on":
-            run.log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
-        return None
-    try:
-        import gpu_aug
-    except ImportError:
-        if args.gpu_aug == "on":
-            raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
-        return None
-    return (images[0], *batch_prepare(gpu_aug, args, stats, device))
 # --- end shared: run ---
+
+
+# ----------------------------------------------------------------------------------------------------
+# Appendix D. What class Run asks of this script: the checks of its flags, its automatic values, its --gpu-aug
+# preparation
+# ----------------------------------------------------------------------------------------------------
+def check_args(args, world):
+    """Values that make no sense stop here, before any work, in one line (exit 2). The parser has checked the
+    choices (--estimator, --critic, ...)."""
+    for bad, msg in [
+        (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),
+        (args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64,
+         f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}"),
+        (not all(0 <= w < math.inf for w in (args.alpha, args.beta, args.gamma)) or args.alpha + args.beta == 0,
+         "--alpha, --beta, --gamma must be >= 0, with --alpha or --beta > 0 (no MI objective)"),
+        (not 0 < args.lr < math.inf, f"--lr {args.lr} must be > 0"),
+        (args.batch_size < 2, "--batch-size must be at least 2 (the negatives come from the other images)"),
+        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
+        (not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1), "--beta1 and --beta2 must be in [0, 1)"),
+        (not 0 <= args.wd < math.inf, f"--wd {args.wd} must be >= 0"),
+        (not 0 <= args.prior_gp < math.inf, f"--prior-gp {args.prior_gp} must be >= 0"),
+        (min(args.y_dim, args.mi_units) < 1, "--y-dim and --mi-units must be >= 1"),
+        (args.local_samples < 0, f"--local-samples {args.local_samples} must be >= 0 (0 = all locations)"),
+        (args.workers < 0, f"--workers {args.workers} must be >= 0"),
+        (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
+        (min(args.max_steps, args.save_every, args.knn_every) < 0,
+         "--max-steps, --save-every and --knn-every must be >= 0"),
+        (args.batch_size % world or args.batch_size // world < 2,  # needs the number of processes
+         f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of 2 or more images"),
+    ]:
+        if bad:
+            raise UserError(msg)
+
+
+def resolve(args):
+    """Fill in the automatic values, so that args.json and the checkpoint hold the numbers actually used."""
+    size = args.image_size or (64 if args.arch == "alex64" else 32)
+    # NOTE(deviation): the paper augments STL-10 only (random 64x64 crops + flips, Sec. 4); auto crops and flips
+    # every input of 64 px or more (STL-10, Tiny ImageNet, image folders), and nothing smaller (CIFAR, MNIST)
+    aug = args.aug if args.aug != "auto" else ("crop" if size >= 64 else "none")
+    return dataclasses.replace(args, image_size=size, aug=aug)
+
+
+def batch_prepare(gpu_aug, args, stats, device):
+    """The --gpu-aug twin of transforms(): gpu_aug.BatchPrepare, one view per image."""
+    return gpu_aug.BatchPrepare(args.image_size, args.aug, MEAN_STD[stats]), 1
 
 
 if __name__ == "__main__":

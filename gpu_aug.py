@@ -9,10 +9,43 @@ models up to the noise of the draws (README, "Speed": the loss curves of tests/b
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def device_path(train_set, args, device, sampler, log, make_prepare):
+    """The scripts' --gpu-aug data path -> batches(epoch), or None for their CPU loader. auto = on for in-memory data
+    on a GPU, and on the CPU for images of at most 64 px (measured faster there, README "Speed"); on = wherever the
+    images are in memory. make_prepare() -> (prepare(x, g), views per image): the script's batched augmentation."""
+    cpu_auto = args.gpu_aug == "auto" and device.type != "cuda"
+    images = device_images(train_set, device, max_side=64 if cpu_auto else None)  # uint8 (N, 3, H, W)
+    if images is None:
+        if args.gpu_aug == "on":
+            log("note: --gpu-aug on needs in-memory data (built-in, CIFAR, MNIST, STL-10); using the CPU loader")
+        return None
+    prepare, views = make_prepare()
+    return lambda epoch: batches(images, prepare, views, sampler, args.seed, epoch)
+
+
+def device_images(ds, device, max_side=None):
+    """An in-memory data set's images as uint8 [N, 3, H, W] on `device`, or None: image folders, and images larger
+    than max_side. Reads the fields of torchvision's in-memory data sets and the scripts' ArrayData: `data` uint8
+    [N, H, W] (MNIST, greyscale), [N, H, W, 3] (CIFAR) or [N, 3, H, W] (STL-10)."""
+    x = getattr(ds, "data", None)
+    if not isinstance(x, (np.ndarray, torch.Tensor)) or x.dtype not in (np.uint8, torch.uint8) or x.ndim not in (3, 4):
+        return None
+    side = max(x.shape[1:3]) if x.ndim == 3 or x.shape[-1] == 3 else max(x.shape[2:])
+    if max_side is not None and side > max_side:
+        return None
+    x = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x.clone()  # a writable copy
+    if x.dim() == 3:  # greyscale (N, H, W) -> RGB, as to_rgb does
+        x = x[:, None].expand(-1, 3, -1, -1)
+    elif x.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W); STL-10 is stored channels first already
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous().to(device) if x.shape[1] == 3 else None
 
 
 def batches(images, prepare, views, sampler, seed, epoch):

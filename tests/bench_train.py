@@ -238,7 +238,7 @@ def bench_data(device, batch, workers, n_batches):
     sync(device)
     cpu = batch * n_batches / (time.perf_counter() - t)
     del it
-    images = moco.device_images(data, device)[0]
+    images = gpu_aug.device_images(data, device)
     aug = moco.batch_prepare(gpu_aug, args, "cifar10", device)[0]
     g = torch.Generator(device)
     idx = torch.randperm(len(data), device=device).view(-1, batch)  # (n_batches + 2, B)
@@ -267,7 +267,7 @@ def bench_dim_data(device, batch, workers, n_batches):
     sync(device)
     cpu = batch * n_batches / (time.perf_counter() - t)
     del it
-    images = dim.device_images(data, device)[0]
+    images = gpu_aug.device_images(data, device)
     prepare = gpu_aug.BatchPrepare(32, args.aug, dim.MEAN_STD["fashionmnist"])
     idx = torch.randperm(len(data), device=device).view(-1, batch)  # (n_batches + 2, B)
 
@@ -303,7 +303,7 @@ def plain_loop(epochs, workers):
             return len(self.ds)
 
         def __getitem__(self, i):
-            img, y = self.ds.get(i)
+            img, y = self.ds[i]
             return ((self.tf(img), self.tf(img)) if self.pair else self.tf(img)), y
 
     dl = torch.utils.data.DataLoader(Pairs(train_set, aug, True), batch_size=a.batch_size, shuffle=True,

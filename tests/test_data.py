@@ -111,7 +111,7 @@ def test_no_labelled_image_is_one_line_where_it_matters(stl10, tmp_path, capsys,
 def test_labelled_keeps_order_and_subsets_compose():
     data = moco.ArrayData(np.zeros((6, 4, 4), np.uint8), [3, -1, 0, -1, -1, 2])
     lab = moco.labelled(data, "bank", "")
-    assert len(lab) == 3 and lab.labels == [3, 0, 2] and [lab.get(i)[1] for i in range(3)] == [3, 0, 2]
+    assert len(lab) == 3 and moco.targets(lab) == [3, 0, 2] and [lab[i][1] for i in range(3)] == [3, 0, 2]
     assert moco.labelled(lab, "bank", "") is lab  # nothing to drop: the same object
     with pytest.raises(moco.UserError, match="the bank has no labelled images"):
         moco.labelled(moco.ArrayData(np.zeros((2, 4, 4), np.uint8), [-1, -1]), "the bank", "")
@@ -231,9 +231,11 @@ def test_tiny_imagenet_layout_trains(tiny_imagenet, tmp_path, capsys):
     train, test, stats = moco.load_data(moco.Args(data=str(tiny_imagenet)))
     note = capsys.readouterr().out
     assert "note:" in note and "val" in note and "held out" in note, note
-    assert train.class_to_idx == {w: c for c, w in enumerate(WNIDS)} and len(train) + len(test) == 36
-    assert len(test) == 3 and sorted(set(train.labels)) == [0, 1, 2]
-    assert all(p.endswith(".JPEG") and f"/train/{WNIDS[c]}/images/" in p for p, c in train.files + test.files)
+    folder = train.dataset  # both splits are Subsets of one torchvision DatasetFolder
+    assert isinstance(folder, torchvision.datasets.DatasetFolder) and test.dataset is folder
+    assert folder.class_to_idx == {w: c for c, w in enumerate(WNIDS)} and len(train) + len(test) == 36
+    assert test.indices == [9, 19, 29] and sorted(set(moco.targets(train))) == [0, 1, 2]
+    assert all(p.endswith(".JPEG") and f"/train/{WNIDS[c]}/images/" in p for p, c in folder.samples)
     code, log, err = run(moco.main, MOCO + ["--data", tiny_imagenet, "--out", tmp_path / "run"], capsys)
     assert code == 0 and "done: 2 steps" in log and "data: 33 images" in log, err
 
@@ -248,7 +250,7 @@ def test_val_folder_labelled_by_train_class_names(tiny_imagenet, capsys):
         d.mkdir(parents=True)
         Image.fromarray(fashion_rgb([c], 64)[0]).save(d / "a.JPEG")
     train, test, _ = moco.load_data(moco.Args(data=str(tiny_imagenet)))
-    assert len(train) == 36 and test.labels == [1, 2] and "note" not in capsys.readouterr().out
+    assert len(train) == 36 and moco.targets(test) == [1, 2] and "note" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case, message", [

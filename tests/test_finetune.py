@@ -77,7 +77,7 @@ def test_label_idx_recorded_and_used(ckpt, tmp_path, image_folder):
     r0 = evaluate(ckpt, tmp_path / "s0.json", "--label-fraction", 0.25, "--seed", 0)
     again = evaluate(ckpt, tmp_path / "s0b.json", "--label-fraction", 0.25, "--seed", 0)
     r1 = evaluate(ckpt, tmp_path / "s1.json", "--label-fraction", 0.25, "--seed", 1)
-    assert Counter(train.labels[i] for i in r0["label_idx"]) == {0: 9, 1: 9, 2: 9}
+    assert Counter(moco.targets(train)[i] for i in r0["label_idx"]) == {0: 9, 1: 9, 2: 9}
     assert r0["n_train"] == len(r0["label_idx"]) == 27 and r0["label_fraction"] == 0.25
     assert again["label_idx"] == r0["label_idx"] and r1["label_idx"] != r0["label_idx"]
     full = evaluate(ckpt, tmp_path / "full.json")

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -222,20 +221,21 @@ def test_device_images_from_every_in_memory_layout(image_folder):
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     rgb = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    x, y = moco.device_images(moco.ArrayData(grey, range(5)), torch.device("cpu"))
-    assert x.shape == (5, 3, 28, 28) and x.dtype == torch.uint8 and torch.equal(y, torch.arange(5))
+    x = gpu_aug.device_images(moco.ArrayData(grey, range(5)), torch.device("cpu"))
+    assert x.shape == (5, 3, 28, 28) and x.dtype == torch.uint8
     assert all(torch.equal(x[:, c], torch.from_numpy(grey)) for c in range(3))
-    x, _ = moco.device_images(moco.ArrayData(rgb, [1] * 5), torch.device("cpu"))
+    x = gpu_aug.device_images(moco.ArrayData(rgb, [1] * 5), torch.device("cpu"))
     for i in range(5):  # the same pixels as the CPU loader's PIL image
-        assert torch.equal(x[i].permute(1, 2, 0), torch.from_numpy(np.array(moco.ArrayData(rgb, [1] * 5).get(i)[0])))
+        assert torch.equal(x[i].permute(1, 2, 0), torch.from_numpy(np.array(moco.ArrayData(rgb, [1] * 5)[i][0])))
     cases = [(FakeTV(rgb, targets=[2] * 5), torch.from_numpy(rgb)),  # CIFAR: numpy (N, H, W, 3), list
              (FakeTV(torch.from_numpy(grey), targets=torch.zeros(5)), torch.from_numpy(grey)[..., None]),  # MNIST
              (FakeTV(rgb.transpose(0, 3, 1, 2).copy(), labels=np.zeros(5)), torch.from_numpy(rgb))]  # STL-10
     for ds, ref in cases:
-        x, y = moco.device_images(moco.TorchvisionData(ds), torch.device("cpu"))
+        x = gpu_aug.device_images(ds, torch.device("cpu"))
         assert torch.equal(x.permute(0, 2, 3, 1), ref.expand(5, *ref.shape[1:3], 3))
-        assert y.dtype == torch.long and len(y) == 5
-    assert moco.device_images(moco.FolderData(image_folder), torch.device("cpu")) is None
+        assert gpu_aug.device_images(ds, torch.device("cpu"), max_side=27) is None  # 28 and 32 px: too large
+    assert gpu_aug.device_images(moco.Folder(image_folder), torch.device("cpu")) is None
+    assert gpu_aug.device_images(FakeTV(rgb.astype(np.float32)), torch.device("cpu")) is None  # not uint8
 
 
 def test_device_batches_follow_the_epoch_sampler_and_resume():
@@ -283,18 +283,21 @@ def test_script_with_gpu_aug_runs_and_resumes_exactly(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", [moco, dim])
-@pytest.mark.parametrize("side,mode,device_path", [(28, "auto", True), (65, "auto", False), (96, "auto", False),
-                                                    (96, "on", True), (28, "off", False)])
+@pytest.mark.parametrize("side,mode,device_path", [(28, "auto", True), (64, "auto", True), (65, "auto", False),
+                                                    (96, "auto", False), (96, "on", True)])
 def test_gpu_aug_auto_on_cpu_takes_the_device_path_for_small_images_only(script, side, mode, device_path):
     """--gpu-aug auto on the CPU: in-memory images of at most 64 px are augmented in batches (measured faster,
-    README "Speed"), larger ones by the CPU loader; on and off force either."""
+    README "Speed"), larger ones by the CPU loader; on forces the batched path (off: the script never asks)."""
     ds = script.ArrayData(np.zeros((8, side, side), dtype=np.uint8), [0] * 8)
     args = script.Args(gpu_aug=mode, image_size=32, **({"aug": "none"} if script is dim else {}))
-    run = SimpleNamespace(args=args, device=torch.device("cpu"), log=print)
-    got = script.device_path(ds, "fashionmnist", run)
+    cpu = torch.device("cpu")
+    got = gpu_aug.device_path(ds, args, cpu, script.EpochSampler(8, 4, 0), print,
+                              lambda: script.batch_prepare(gpu_aug, args, "fashionmnist", cpu))
     assert (got is not None) == device_path
-    if got is not None:
-        assert got[0].shape == (8, 3, side, side) and got[2] == (2 if script is moco else 1)
+    if got is not None:  # two views for moco.py, one for dim.py, of the sampler's batches of 4
+        batch = list(got(0))[0]
+        views = batch if script is moco else [batch]
+        assert [v.shape for v in views] == [(4, 3, 32, 32)] * (2 if script is moco else 1)
 
 
 def test_gpu_aug_auto_on_the_builtin_data_and_bad_value_is_a_user_error(tmp_path, capsys):
@@ -302,7 +305,9 @@ def test_gpu_aug_auto_on_the_builtin_data_and_bad_value_is_a_user_error(tmp_path
     assert "uint8 on cpu, augmented there in batches" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         moco.main(TINY[:-1] + ["maybe", "--out", str(tmp_path / "o")])
-    assert e.value.code == 2 and "--gpu-aug must be" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --gpu-aug: invalid choice" in capsys.readouterr().err
+    moco.main(TINY[:-1] + ["off", "--out", str(tmp_path / "o2"), "--max-steps", "1"])
+    assert "augmented by the CPU loader" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -200,8 +200,9 @@ def test_mechanism_resumes_exactly(flags, tmp_path, image_folder):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mechanism", "bank"], "--mechanism must be moco, end-to-end or memory-bank"),
-    (["--shuffle-bn", "no"], "--shuffle-bn must be on or off"),
+    (["--mechanism", "bank"], "argument --mechanism: invalid choice: 'bank' (choose from 'moco', 'end-to-end', "
+                              "'memory-bank')"),
+    (["--shuffle-bn", "no"], "argument --shuffle-bn: invalid choice: 'no' (choose from 'on', 'off')"),
     (["--mechanism", "end-to-end", "--symmetric"], "--symmetric is for --mechanism moco"),
     (["--mechanism", "memory-bank", "--bank-t", "1"], "--bank-t 1.0 must be in [0, 1)"),
     (["--mechanism", "memory-bank", "--batch-size", "8000", "--bn-splits", "1"], "leaves none of the 8000"),

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_linear
+import gpu_aug
 import moco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,7 +264,7 @@ def test_learning_lowers_held_out_loss():
                     T.Normalize(*moco.MEAN_STD[stats])])
 
     def views(ds, idx):
-        return [torch.stack([tf(ds.get(i)[0]) for i in idx]) for _ in range(2)]
+        return [torch.stack([tf(ds[i][0]) for i in idx]) for _ in range(2)]
     torch.manual_seed(0)
     held_q, held_k = views(test, range(128))
     held_neg, _ = views(test, range(128, 384))
@@ -420,10 +421,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--bn-splits", "5"], "cannot be split into --bn-splits 5"),
     (["--bn-splits", "32"], "groups of 2 or more images"),  # groups of one image
     (["--bn-splits", "0"], "--bn-splits 0 must be >= 1"),
-    (["--preset", "v9"], "unknown --preset"),
-    (["--fused", "maybe"], "--fused must be"),
+    (["--preset", "v9"], "argument --preset: invalid choice: 'v9' (choose from 'small', 'v1', 'v2', 'cifar')"),
+    (["--fused", "maybe"], "argument --fused: invalid choice: 'maybe'"),
     (["--arch", "vgg16"], "unknown --arch"),
-    (["--device", "gpu"], "--device must be"),
+    (["--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
     (["--resume", "/no/such/ckpt.pt"], "does not exist"),
 ])
 def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
@@ -455,10 +456,12 @@ def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
     (["--max-steps", "-1"], "must be >= 0"),
     (["--knn-every", "-1"], "must be >= 0"),
     (["--milestones", "120,x"], "--milestones '120,x' must be epochs"),
-    (["--aug", "v3"], "--aug must be v1, v2 or cifar"),
-    (["--schedule", "linear"], "--schedule must be step or cos"),
-    (["--bn", "group"], "--bn must be shuffle or sync"),
-    (["--stem", "tiny"], "--stem must be imagenet or cifar"),
+    (["--aug", "v3"], "argument --aug: invalid choice: 'v3' (choose from 'v1', 'v2', 'cifar')"),
+    (["--schedule", "linear"], "argument --schedule: invalid choice"),
+    (["--bn", "group"], "argument --bn: invalid choice"),
+    (["--stem", "tiny"], "argument --stem: invalid choice"),
+    (["--mechanism", "bank"], "argument --mechanism: invalid choice"),
+    (["--moco-k", "1e3"], "argument --moco-k: invalid int value: '1e3'"),
     (["--bn", "sync"], "--bn sync and --bn-splits > 1 exclude each other"),
 ])
 def test_nonsense_hyperparameters_stop_before_any_work(argv, message, tmp_path, capsys):
@@ -526,7 +529,7 @@ def test_wrong_or_truncated_checkpoint(tmp_path, capsys):
     assert code == 2 and "truncated or not a checkpoint" in err
     with pytest.raises(SystemExit) as e:
         eval_linear.main(["--pretrained", str(tmp_path / "missing.pt")])
-    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+    assert e.value.code == 2 and "missing.pt does not exist" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_checkpoint_intact(tmp_path, capsys):
@@ -552,17 +555,17 @@ def test_unusual_images_just_work(tmp_path):
     Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(d / "deep16.png")
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).convert("P").save(d / "palette.png")
     Image.fromarray(rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)).save(d / "tiny.png")  # smaller than the crop
-    data = moco.FolderData(str(tmp_path / "imgs"))
+    data = moco.Folder(str(tmp_path / "imgs"))
     assert len(data) == 6
     args, _ = moco.parse_args(["--image-size", "32"])
     train_tf, test_tf = moco.transforms(args, "imagenet")
     for i in range(len(data)):
-        img, y = data.get(i)
+        img, y = data[i]
         assert img.mode == "RGB" and y == 0
         a, b = train_tf(img)
         assert a.shape == b.shape == test_tf(img).shape == (3, 32, 32)
-    deep = dict(zip([os.path.basename(p) for p, _ in data.files], range(6)))["deep16.png"]
-    assert np.asarray(data.get(deep)[0]).max() > 128  # 16-bit values are scaled, not clipped to white/black
+    deep = dict(zip([os.path.basename(p) for p, _ in data.samples], range(6)))["deep16.png"]
+    assert np.asarray(data[deep][0]).max() > 128  # 16-bit values are scaled, not clipped to white/black
 
 
 def test_idx_folder_is_read_directly(tmp_path):
@@ -575,9 +578,9 @@ def test_idx_folder_is_read_directly(tmp_path):
     train, test, stats = moco.load_data(moco.Args(data=str(tmp_path), dataset="fashionmnist"))
     ref = moco.read_idx(os.path.join(ROOT, "data", "t10k-images-idx3-ubyte.gz"))
     assert stats == "fashionmnist" and len(train) == len(test) == 10000
-    assert (train.images == ref).all() and train.labels[:3] == test.labels[:3]
-    x, y = moco.device_images(train, torch.device("cpu"))
-    assert x.shape == (10000, 3, 28, 28) and y.tolist() == train.labels
+    assert (train.data == ref).all() and train.targets[:3] == test.targets[:3]
+    x = gpu_aug.device_images(train, torch.device("cpu"))
+    assert x.shape == (10000, 3, 28, 28) and torch.equal(x[:, 0], torch.tensor(ref))
     os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(moco.UserError, match="add --download"):
         moco.load_data(moco.Args(data=str(tmp_path), dataset="fashionmnist"))
