@@ -40,9 +40,7 @@ import sys
 
 import torch
 
-
-class UserError(Exception):
-    """An error the user can fix; main() prints it as one line."""
+from moco import UserError, load_checkpoint  # every script's one checkpoint reader and its one-line errors
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,18 +171,6 @@ EXTENSIONS = ((".pth.tar", "moco"), (".pkl", "detectron2"), (".pth", "torchvisio
 # ----------------------------------------------------------------------------------------------------
 # 3. Files and main
 # ----------------------------------------------------------------------------------------------------
-def read(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise UserError(f"cannot read {path} ({type(e).__name__}): truncated or not a torch checkpoint")
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
-
-
 def write(obj, out, fmt):
     """Temporary file, fsync, rename: OUT is either complete or untouched."""
     tmp = f"{out}.tmp.{os.getpid()}"
@@ -211,7 +197,7 @@ def convert(ckpt_path, out, to=None):
             raise UserError(f"cannot tell the format from {out!r}: add --to torchvision|detectron2|moco")
     if os.path.exists(out) and os.path.exists(ckpt_path) and os.path.samefile(out, ckpt_path):
         raise UserError(f"OUT {out} is CKPT: choose another file name")
-    obj = CONVERT[to](read(ckpt_path), ckpt_path)
+    obj = CONVERT[to](load_checkpoint(ckpt_path), ckpt_path)
     write(obj, out, to)
     n = len(obj["model"] if to == "detectron2" else obj["state_dict"])
     print(f"wrote {out}: {to}, {n} tensors from {ckpt_path}")

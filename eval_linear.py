@@ -38,7 +38,6 @@ Commands
     python eval_linear.py --pretrained runs/dim/ckpt.pt --layer y --random-init   # same encoder, random init
     python eval_linear.py --pretrained runs/moco/ckpt.pt --finetune --label-fraction 0.1   # semi-supervised
 """
-import dataclasses
 import json
 import os
 import sys
@@ -59,10 +58,11 @@ from moco import UserError, arg
 class Args:
     pretrained: str = arg("", "checkpoint: moco.py, dim.py, or official MoCo ({'state_dict': module.encoder_q.*})")
     data: str = arg(None, "image folder or torchvision root (default: the checkpoint's; built-in data if none)")
-    dataset: str = arg(None, "folder|cifar10|cifar100|stl10|fashionmnist|mnist (default: the checkpoint's)")
+    dataset: str = arg(None, "an image folder or a torchvision data set (default: the checkpoint's)", moco.DATASETS)
     download: bool = arg(False, "let torchvision download --dataset")
     out: str = arg("", "result JSON (default: eval_<layer>_<probe>.json next to the checkpoint)")
-    probe: str = arg("linear", "linear (official MoCo protocol) | mlp (DIM paper: 200 hidden units, dropout)")
+    probe: str = arg("linear", "linear: official MoCo protocol; mlp: DIM paper, 200 hidden units, dropout",
+                     ("linear", "mlp"))
     layer: str = arg("backbone", "moco: backbone (the encoder without its fc head); dim: conv | fc | y")
     epochs: int = arg(None, "probe epochs (linear 100, mlp 100)")
     batch_size: int = arg(None, "probe batch (linear 256, mlp 64)")
@@ -70,11 +70,12 @@ class Args:
     standardize: bool = arg(True, "standardise features with the training split's mean and std (a fixed "
                                   "affine map, so the probe stays linear); --no-standardize = main_lincls.py")
     milestones: str = arg(None, "epochs at which the lr is multiplied by 0.1 (linear 60,80; mlp 50)")
-    aug: str = arg("auto", "crop (RandomResizedCrop + flip each epoch) | none (cached features) | auto")
+    aug: str = arg("auto", "crop: RandomResizedCrop + flip each epoch; none: cached features; auto: crop above 64 px",
+                   ("auto", "crop", "none"))
     image_size: int = arg(None, "input size (default: the checkpoint's; 224 for official checkpoints)")
     random_init: bool = arg(False, "evaluate the same encoder with random weights (the baseline)")
     workers: int = arg(min(4, os.cpu_count() or 1), "data loader processes")
-    device: str = arg("auto", "auto|cpu|cuda")
+    device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     seed: int = arg(0, "random seed (also draws the --label-fraction / --labels-per-class subset)")
     finetune: bool = arg(False, "train the whole encoder with the head (backbone in train() mode)")
     backbone_lr: float = arg(None, "backbone lr with --finetune (default 0.05 x --lr: SwAV eval_semisup.py's ratio)")
@@ -87,18 +88,8 @@ PROBE_DEFAULTS = {"linear": dict(epochs=100, batch_size=256, lr=30.0, milestones
 
 
 def parse_args(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, default=f.default, help=f.metadata["help"])
-    args = Args(**vars(p.parse_args(argv)))
-    if args.probe not in PROBE_DEFAULTS:
-        raise UserError(f"--probe must be linear or mlp, not {args.probe!r}")
+    """moco.py's parser (one line per error) with this file's Args, then the probe's defaults."""
+    args = moco.parse_args(argv, Args, {})[0]
     for k, v in PROBE_DEFAULTS[args.probe].items():
         if getattr(args, k) is None:
             setattr(args, k, 0.1 if k == "lr" and args.probe == "linear" and args.standardize else v)
@@ -110,7 +101,6 @@ def parse_args(argv=None):
 def check_flags(args, world):
     """Values that make no sense stop here in one line, before minutes of feature extraction and training."""
     for bad, msg in [
-        (args.aug not in ("crop", "none", "auto"), f"--aug must be crop, none or auto, not {args.aug!r}"),
         (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
         (args.backbone_lr is not None and not args.finetune, "--backbone-lr is for --finetune"),
         (args.finetune and (args.backbone_lr or 0) < 0, f"--backbone-lr {args.backbone_lr} must be >= 0"),
@@ -155,15 +145,9 @@ def moco_backbone(state, arch, stem, random_init):
 
 
 def load_encoder(args):
-    """-> (frozen encoder: images -> features, {data, dataset, image_size, stats-name or None})."""
-    if not os.path.isfile(args.pretrained):
-        raise UserError(f"--pretrained {args.pretrained!r}: no such file")
-    try:
-        ckpt = torch.load(args.pretrained, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"cannot read {args.pretrained} ({type(e).__name__}): truncated or not a checkpoint")
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{args.pretrained} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    """-> (frozen encoder: images -> features, {data, dataset, image_size, algo}) of a moco.py, dim.py or official
+    MoCo checkpoint, read by moco.py's loader."""
+    ckpt = moco.load_checkpoint(args.pretrained)
     if ckpt.get("algo") == "dim":
         import dim  # dim.py rebuilds its own encoders and taps (conv, fc, y)
         if args.random_init:
@@ -310,8 +294,8 @@ def evaluate(args, argv_out=print):
     test_set = moco.labelled(test_set, "the test split", hint)
     label_idx = None  # positions in the training split as loaded (unlabelled images included)
     if args.label_fraction is not None or args.labels_per_class is not None:
-        label_idx = label_subset(train_set.labels, args)
-        labelled_set = moco.Subset(train_set, label_idx)
+        label_idx = label_subset(moco.targets(train_set), args)
+        labelled_set = torch.utils.data.Subset(train_set, label_idx)
     train_set = labelled_set
     size = args.image_size or ck.get("image_size", 224)
     aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
@@ -388,7 +372,7 @@ def sanity_check(encoder, before, finetune):
 def main(argv=None):
     try:
         return evaluate(parse_args(argv))
-    except UserError as e:
+    except UserError as e:  # the message of one raised in a data-loader worker ends with the UserError line
         print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError:

@@ -31,7 +31,6 @@ Commands
 Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
 dataset-fashion-mnist installs them or torchvision's FashionMNIST/raw folder holds them.
 """
-import dataclasses
 import json
 import math
 import os
@@ -50,6 +49,8 @@ import gpu_aug
 import moco
 from moco import UserError, arg
 
+SCRIPTS = {"moco": moco, "dim": dim}
+
 
 @dataclass
 class Args:
@@ -61,12 +62,13 @@ class Args:
     budget: float = arg(120.0, "pretraining seconds per run (each method, each seed); steps are calibrated")
     probe_epochs: int = arg(10, "linear-probe epochs (eval_linear.py default 100; lr x0.1 at 60% and 80%)")
     mlp_epochs: int = arg(5, "MLP-probe epochs on the headline layer (eval_linear.py default 100)")
-    knn_conv: str = arg("auto", "kNN on DIM's 4096-d conv features too: on|off|auto (= on a GPU; ~50 s per encoder "
-                                "on 2 CPU cores)")
-    device: str = arg("auto", "auto|cpu|cuda")
+    knn_conv: str = arg("auto", "kNN on DIM's 4096-d conv features too: auto = on a GPU (~50 s per encoder on 2 "
+                                "CPU cores)", ("auto", "on", "off"))
+    device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     threads: int = arg(0, "torch threads (0 = torch's default)")
-    experiment: str = arg("compare", "compare (DIM vs MoCo, this docstring) | mechanisms | momentum | shuffle-bn "
-                                     "(MoCo's ablations, ABLATIONS) | dim-estimators | dim-prior (DIM_ABLATIONS)")
+    experiment: str = arg("compare", "compare: DIM vs MoCo (this docstring); mechanisms, momentum, shuffle-bn: MoCo's "
+                                     "ablations (ABLATIONS); dim-estimators, dim-prior: DIM's (DIM_ABLATIONS)",
+                          ("compare", "mechanisms", "momentum", "shuffle-bn", "dim-estimators", "dim-prior"))
     steps: str = arg("", "compare: the step counts of an earlier study, e.g. moco=172,dimL-jsd=555 (printed and in "
                          "results.md), instead of calibrating them: reruns exactly that study")
     ks: str = arg("256,1024,4096,16384", "mechanisms: the dictionary sizes K (end-to-end: the batch, up to 4096)")
@@ -99,28 +101,13 @@ DIM_ABLATIONS = ("dim-estimators", "dim-prior")  # DIM's, run_dim_ablations()
 
 
 def parse_args(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"].replace("%", "%%")  # argparse formats help texts with %
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            p.add_argument(name, type=f.type, default=f.default, help=text)
-    args = Args(**vars(p.parse_args(argv)))
+    """moco.py's parser (one line per error) with this file's Args, then the checks of their values."""
+    args = moco.parse_args(argv, Args, {})[0]
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         raise UserError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    if args.knn_conv not in ("on", "off", "auto"):
-        raise UserError(f"--knn-conv must be on, off or auto, not {args.knn_conv!r}")
-    if args.seeds < 1 or args.budget <= 0 or args.epochs <= 0:
-        raise UserError("--seeds must be >= 1, --budget > 0 and --epochs > 0")
-    if args.experiment not in ("compare", *ABLATIONS, *DIM_ABLATIONS):
-        raise UserError(f"--experiment must be compare or one of {', '.join(ABLATIONS + DIM_ABLATIONS)}, "
-                        f"not {args.experiment!r}")
-    if args.dim_epochs <= 0:
-        raise UserError("--dim-epochs must be > 0")
+    if args.seeds < 1 or args.budget <= 0 or args.epochs <= 0 or args.dim_epochs <= 0:
+        raise UserError("--seeds must be >= 1, --budget, --epochs and --dim-epochs > 0")
     given_steps(args)
     ks(args)
     args.out = args.out or {"compare": "runs/study", **dict.fromkeys(DIM_ABLATIONS, "runs/dim-ablations")}.get(
@@ -148,9 +135,9 @@ def eval_views(args):
     tf = moco.test_transform(32, stats)
     out = {}
     for name, ds in (("train", train), ("test", test)):
-        x = torch.stack([tf(ds.get(i)[0])[:1] for i in range(len(ds))])  # (N, 1, 32, 32): the 3 channels are equal
-        pixels = torch.tensor(ds.images.reshape(len(ds), -1), dtype=torch.float32) / 255  # (N, 784)
-        out[name] = (x, torch.tensor(ds.labels), pixels)
+        x = torch.stack([tf(ds[i][0])[:1] for i in range(len(ds))])  # (N, 1, 32, 32): the 3 channels are equal
+        pixels = torch.tensor(ds.data.reshape(len(ds), -1), dtype=torch.float32) / 255  # (N, 784)
+        out[name] = (x, torch.tensor(ds.targets), pixels)
     return out
 
 
@@ -165,15 +152,20 @@ def script_argv(method, args, seed, out, steps, total, n_train):
                                           str(math.ceil(total / per_epoch)), "--resume", "auto"]
 
 
-def run_script(method, argv):
-    script = {"moco": moco, "dim": dim}[METHODS[method][0]]
+def run_script(script, argv, name):
+    """script.train(argv) in this process (script: moco or dim), printed as a command -> its checkpoint's
+    (seconds, steps). A UserError names the run; a script's loss turning non-finite raises Diverged."""
     print(f"$ python {script.__name__}.py {' '.join(argv)}", flush=True)
     try:
         script.train(argv)
     except script.UserError as e:
-        raise UserError(f"{method}: {e}")
-    ckpt = torch.load(os.path.join(argv[argv.index("--out") + 1], "ckpt.pt"), map_location="cpu", weights_only=False)
+        raise (Diverged if "loss is" in str(e) else UserError)(f"{name}: {e}")
+    ckpt = moco.load_checkpoint(os.path.join(argv[argv.index("--out") + 1], "ckpt.pt"))
     return ckpt["time_s"], ckpt["step"]
+
+
+class Diverged(UserError):
+    """A run whose loss turned non-finite: counted, not evaluated."""
 
 
 def supervised(args, seed, out, steps, device):
@@ -183,7 +175,8 @@ def supervised(args, seed, out, steps, device):
     torch.manual_seed(seed)
     data = moco.Args(data=args.data, dataset="fashionmnist")
     train_set, _, stats = moco.load_data(data)
-    images, labels = moco.device_images(train_set, device)
+    images = gpu_aug.device_images(train_set, device)  # uint8 (N, 3, 28, 28)
+    labels = torch.tensor(train_set.targets, device=device)  # (N,)
     augment = gpu_aug.BatchAugment(32, (0.5, 1.0), (0, 0, 0, 0), 0.0, 0.0, 0.0, (), moco.MEAN_STD[stats])
     net = moco.build_encoder("basic32", num_classes=10).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -214,7 +207,8 @@ def calibrate(method, args, work, device, n_train):
     shutil.rmtree(out, ignore_errors=True)
     if method == "supervised":
         return supervised(args, 0, out, 12, device)[0] / 12
-    run_script(method, script_argv(method, args, 0, out, 12, 12, n_train) + ["--log-every", "4"])
+    run_script(SCRIPTS[METHODS[method][0]], script_argv(method, args, 0, out, 12, 12, n_train) + ["--log-every", "4"],
+               method)
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"time_s"' in l]
     return (lines[-1]["time_s"] - lines[0]["time_s"]) / (lines[-1]["step"] - lines[0]["step"])
 
@@ -232,32 +226,38 @@ def basic32_taps(net):
     return taps
 
 
+def load_encoder(path, layer):
+    """The frozen encoder of a moco.py or dim.py checkpoint, as eval_linear.py loads it."""
+    return eval_linear.load_encoder(eval_linear.Args(pretrained=path, layer=layer))[0]
+
+
 def encoder_of(method, path, seed, layers):
     """-> images -> {layer: features (N, D)} for a checkpoint (path None = the random-init encoder)."""
     if method == "supervised":
         net = moco.build_encoder("basic32", num_classes=10)
-        net.load_state_dict(torch.load(path, map_location="cpu")["model"])
+        net.load_state_dict(moco.load_checkpoint(path)["model"])
         net.fc = nn.Identity()
         return basic32_taps(net)
-    if METHODS.get(method, ("dim",))[0] == "moco":  # eval_linear.py's loader: encoder_q without its head
-        return basic32_taps(eval_linear.load_encoder(eval_linear.Args(pretrained=path, layer="backbone"))[0])
+    if METHODS.get(method, ("dim",))[0] == "moco":  # encoder_q without its head
+        return basic32_taps(load_encoder(path, "backbone"))
     if path is None:  # eval_linear.py --random-init
         torch.manual_seed(seed)
         enc = dim.build_encoder("basic32", 32)
     else:
-        enc = dim.encoder_for_eval(torch.load(path, map_location="cpu", weights_only=False), "y").encoder
+        enc = load_encoder(path, "y").encoder
     enc.eval()
-    return lambda x: {k: v.flatten(1) for k, v in enc(x, "y").items() if k in layers}
+    return lambda x: {k: v for k, v in enc(x, "y").items() if k in layers}
 
 
-@torch.no_grad()
 def extract(encode, views, device):
-    """-> {layer: (train features, test features)} through the frozen encoder, batches of 1000."""
+    """-> {layer: (train features, test features)} through the frozen encoder: moco.py's extract() on batches of
+    1000 of the views."""
     out = {}
     for split in ("train", "test"):
-        parts = [encode(x.expand(-1, 3, -1, -1).to(device)) for x in views[split][0].split(1000)]
-        for k in parts[0]:
-            out.setdefault(k, []).append(torch.cat([p[k].float() for p in parts]))
+        x, y = views[split][:2]
+        feats = moco.extract(lambda b: encode(b.expand(-1, 3, -1, -1)), zip(x.split(1000), y.split(1000)), device)[0]
+        for k, f in feats.items():
+            out.setdefault(k, []).append(f)
     return out
 
 
@@ -390,60 +390,71 @@ def run_study(args):
     t_start = time.perf_counter()
     views = eval_views(args)
     seeds, n_train = range(args.seeds), len(views["train"][1])
-    for seed in seeds:  # baselines: raw pixels (784-d), and the encoder at random init (time 0 of the curves)
-        if ("pixels", seed, 1.0) not in done:
-            tr, te = views["train"][2].to(device), views["test"][2].to(device)  # (60000, 784), (10000, 784)
-            for kind, n in (("linear", len(tr)), ("curve", SUBSET)):
-                record(log, method="pixels", seed=seed, frac=1.0, time_s=0.0, steps=0, layer="pixels", probe=kind,
-                       top1=probe("linear", tr[:n], te, {"train": tuple(t[:n] for t in views["train"]),
-                                                         "test": views["test"]}, seed, args))
-        if ("random", seed, 1.0) not in done:
-            for (layer, kind), top1 in evaluate("dim", None, seed, views, args, device, True,
-                                                ("conv", "fc", "y")).items():
-                record(log, method="random", seed=seed, frac=1.0, time_s=0.0, steps=0, layer=layer, probe=kind,
-                       top1=top1)
+    for seed in seeds:
+        baselines(args, seed, views, device, log, done)
     for method in args.methods.split(","):
         fracs = (1.0,) if method == "supervised" else SNAPSHOTS
-        if all((method, seed, frac) in done for seed in seeds for frac in fracs):
-            continue
-        work, plan = os.path.join(args.out, method), os.path.join(args.out, method, "steps.json")
-        if os.path.exists(plan):  # a resumed study keeps the step count its first seeds ran
-            sec, steps = json.load(open(plan))
-            if given_steps(args).get(method, steps) != steps:
-                raise UserError(f"--steps {method}={given_steps(args)[method]}: {plan} holds {steps} steps from an "
-                                "earlier call; use another --out")
-        elif method in given_steps(args):  # --steps: another study's count, no calibration
-            sec, steps = None, given_steps(args)[method]
-        else:
-            sec = calibrate(method, args, work, device, n_train)
-            steps = max(8, int(args.budget / sec))
-        os.makedirs(work, exist_ok=True)
-        with open(plan, "w") as f:
-            json.dump([sec, steps], f)
-        print(f"{method}: " + (f"{sec:.3f} s per step -> " if sec else "given ") + f"{steps} steps for "
-              f"{args.budget:.0f} s", flush=True)
-        for seed in seeds:
-            out = os.path.join(work, f"seed{seed}")
-            for frac in fracs:
-                if (method, seed, frac) in done:
-                    continue
-                n = max(1, round(frac * steps))
-                if method == "supervised":
-                    time_s, n = supervised(args, seed, out, steps, device)
-                    path = os.path.join(out, "encoder.pt")
-                else:
-                    time_s, n = run_script(method, script_argv(method, args, seed, out, n, steps, n_train))
-                    path = os.path.join(out, f"ckpt_{n}.pt")
-                    shutil.copyfile(os.path.join(out, "ckpt.pt"), path)
-                for (layer, kind), top1 in evaluate(method, path, seed, views, args, device, frac == 1.0).items():
-                    record(log, method=method, seed=seed, frac=frac, time_s=time_s, steps=n, layer=layer, probe=kind,
-                           top1=top1)
+        todo = [(seed, frac) for seed in seeds for frac in fracs if (method, seed, frac) not in done]
+        if todo:
+            steps = plan_steps(method, args, device, n_train)
+        for seed, frac in todo:
+            snapshot(method, seed, frac, steps, args, views, device, log, n_train)
     rows = [json.loads(l) for l in open(log)]
     total = add_time(args, "seconds.txt", t_start)
     table = report(rows, args, total)
     print(table)
     plot(rows, os.path.join(args.out, "results.png"))
     return rows
+
+
+def baselines(args, seed, views, device, log, done):
+    """The raw pixels (784-d) and the encoder at random init (time 0 of the curves), for one seed."""
+    if ("pixels", seed, 1.0) not in done:
+        tr, te = views["train"][2].to(device), views["test"][2].to(device)  # (60000, 784), (10000, 784)
+        for kind, n in (("linear", len(tr)), ("curve", SUBSET)):
+            sub = {"train": tuple(t[:n] for t in views["train"]), "test": views["test"]}
+            record(log, method="pixels", seed=seed, frac=1.0, time_s=0.0, steps=0, layer="pixels", probe=kind,
+                   top1=probe("linear", tr[:n], te, sub, seed, args))
+    if ("random", seed, 1.0) not in done:
+        for (layer, kind), top1 in evaluate("dim", None, seed, views, args, device, True, ("conv", "fc", "y")).items():
+            record(log, method="random", seed=seed, frac=1.0, time_s=0.0, steps=0, layer=layer, probe=kind, top1=top1)
+
+
+def plan_steps(method, args, device, n_train):
+    """-> the step count of every seed of `method`: OUT/METHOD/steps.json of an earlier call, --steps, or the
+    budget over the calibrated seconds per step."""
+    work, plan = os.path.join(args.out, method), os.path.join(args.out, method, "steps.json")
+    if os.path.exists(plan):  # a resumed study keeps the step count its first seeds ran
+        sec, steps = json.load(open(plan))
+        if given_steps(args).get(method, steps) != steps:
+            raise UserError(f"--steps {method}={given_steps(args)[method]}: {plan} holds {steps} steps from an "
+                            "earlier call; use another --out")
+    elif method in given_steps(args):  # --steps: another study's count, no calibration
+        sec, steps = None, given_steps(args)[method]
+    else:
+        sec = calibrate(method, args, work, device, n_train)
+        steps = max(8, int(args.budget / sec))
+    os.makedirs(work, exist_ok=True)
+    with open(plan, "w") as f:
+        json.dump([sec, steps], f)
+    print(f"{method}: " + (f"{sec:.3f} s per step -> " if sec else "given ") + f"{steps} steps for "
+          f"{args.budget:.0f} s", flush=True)
+    return steps
+
+
+def snapshot(method, seed, frac, steps, args, views, device, log, n_train):
+    """Trains seed `seed` of `method` to `frac` of its steps (resuming the seed's run) and records the probes."""
+    out = os.path.join(args.out, method, f"seed{seed}")
+    if method == "supervised":
+        time_s, n = supervised(args, seed, out, steps, device)
+        path = os.path.join(out, "encoder.pt")
+    else:
+        argv = script_argv(method, args, seed, out, max(1, round(frac * steps)), steps, n_train)
+        time_s, n = run_script(SCRIPTS[METHODS[method][0]], argv, method)
+        path = os.path.join(out, f"ckpt_{n}.pt")
+        shutil.copyfile(os.path.join(out, "ckpt.pt"), path)
+    for (layer, kind), top1 in evaluate(method, path, seed, views, args, device, frac == 1.0).items():
+        record(log, method=method, seed=seed, frac=frac, time_s=time_s, steps=n, layer=layer, probe=kind, top1=top1)
 
 
 def mean_std(v):
@@ -573,7 +584,7 @@ def pretext_curve(out):
 
 def evaluate_backbone(path, views, seed, args, device):
     """-> {probe: top-1} of the kNN (k=200, t=0.1) and the linear probe on the frozen 1024-d backbone."""
-    enc = basic32_taps(eval_linear.load_encoder(eval_linear.Args(pretrained=path, layer="backbone"))[0])
+    enc = basic32_taps(load_encoder(path, "backbone"))
     feats = extract(lambda x: {"backbone": enc(x)["backbone"]}, views, device)["backbone"]
     return {kind: probe(kind, *feats, views, seed, args) for kind in ("knn", "linear")}
 
@@ -584,39 +595,42 @@ def run_ablations(args):
     rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
     done = {(r["run"], r["seed"], r["frac"]) for r in rows}
     t_start, views = time.perf_counter(), eval_views(args)
-    n_train = len(views["train"][1])
     snapshot_runs = {name for _, name, _, _ in ablation_runs(args, "shuffle-bn")}
     for _, name, flags, batch in ablation_runs(args):
         fracs = SNAPSHOT_FRACS if name in snapshot_runs else (1.0,)
-        per_epoch = n_train // batch
-        total = max(1, round(args.epochs * per_epoch))
-        for seed in range(args.seeds):
-            out = os.path.join(args.out, name, f"seed{seed}")
-            for frac in fracs:
-                if (name, seed, frac) in done:
-                    continue
-                n = max(1, round(frac * total))
-                argv = COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device",
-                                         args.device, "--max-steps", str(n), "--epochs",
-                                         str(math.ceil(total / per_epoch)), "--resume", "auto"]
-                print(f"$ python moco.py {' '.join(argv)}", flush=True)
-                try:
-                    moco.train(argv)
-                except moco.UserError as e:
-                    raise UserError(f"{name}: {e}")
-                ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
-                curve = pretext_curve(out)
-                for kind, top1 in evaluate_backbone(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
-                    row = dict(run=name, seed=seed, frac=frac, steps=ckpt["step"], time_s=ckpt["time_s"],
-                               layer="backbone", probe=kind, top1=top1, pretext_top1=curve[-1][1])
-                    if frac == 1.0:
-                        row["pretext_curve"] = curve
-                    rows.append(row)
-                    record(log, **row)
+        todo = [(seed, frac) for seed in range(args.seeds) for frac in fracs if (name, seed, frac) not in done]
+        for seed, frac in todo:
+            rows += ablation_snapshot(name, flags, batch, seed, frac, args, views, device, log)
     total_s = add_time(args, f"seconds-{args.experiment}.txt", t_start)
     text = ablation_report(rows, args, total_s)
     print(text)
     ablation_plot(rows, args)
+    return rows
+
+
+def run_argv(flags, args, out, seed, steps, total, per_epoch):
+    """The flags of one run of an ablation: `steps` of a run of `total` steps, resumed from OUT if it has a
+    checkpoint."""
+    return COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device", args.device,
+                             "--max-steps", str(steps), "--epochs", str(math.ceil(total / per_epoch)), "--resume",
+                             "auto"]
+
+
+def ablation_snapshot(name, flags, batch, seed, frac, args, views, device, log):
+    """Trains seed `seed` of run `name` to `frac` of its image budget (resuming its run) -> the recorded rows."""
+    per_epoch = len(views["train"][1]) // batch
+    total = max(1, round(args.epochs * per_epoch))
+    out = os.path.join(args.out, name, f"seed{seed}")
+    time_s, steps = run_script(moco, run_argv(flags, args, out, seed, max(1, round(frac * total)), total, per_epoch),
+                               name)
+    curve, rows = pretext_curve(out), []
+    for kind, top1 in evaluate_backbone(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
+        row = dict(run=name, seed=seed, frac=frac, steps=steps, time_s=time_s, layer="backbone", probe=kind,
+                   top1=top1, pretext_top1=curve[-1][1])
+        if frac == 1.0:
+            row["pretext_curve"] = curve
+        rows.append(row)
+        record(log, **row)
     return rows
 
 
@@ -761,8 +775,8 @@ def dim_runs(experiment):
 
 def evaluate_dim(path, views, seed, args, device):
     """-> {(layer, probe): value}: the linear probe on conv, fc and Y, and the NDM of Y."""
-    enc = dim.encoder_for_eval(torch.load(path, map_location="cpu", weights_only=False), "y").encoder.eval()
-    feats = extract(lambda x: {k: v.flatten(1) for k, v in enc(x, "y").items() if k in DIM_LAYERS}, views, device)
+    enc = load_encoder(path, "y").encoder.eval()
+    feats = extract(lambda x: {k: v for k, v in enc(x, "y").items() if k in DIM_LAYERS}, views, device)
     res = {(layer, "linear"): probe("linear", *feats[layer], views, seed, args) for layer in DIM_LAYERS}
     res[("y", "ndm")] = ndm(*(f.cpu() for f in feats["y"]), seed)
     return res
@@ -771,42 +785,35 @@ def evaluate_dim(path, views, seed, args, device):
 def run_dim_ablations(args):
     device = setup(args)
     log = os.path.join(args.out, "results.jsonl")
-    rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
-    done = {(r["run"], r["seed"]) for r in rows}
+    done = {(r["run"], r["seed"]) for r in map(json.loads, open(log))} if os.path.exists(log) else set()
     t_start, views = time.perf_counter(), eval_views(args)
-    n_train = len(views["train"][1])
     for _, name, flags, batch in dim_runs(args.experiment):
-        per_epoch = n_train // batch
-        steps = max(1, round(args.dim_epochs * per_epoch))
-        for seed in range(args.seeds):
-            if (name, seed) in done:
-                continue
-            out = os.path.join(args.out, name, f"seed{seed}")
-            argv = COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device", args.device,
-                                     "--max-steps", str(steps), "--epochs", str(math.ceil(steps / per_epoch)),
-                                     "--resume", "auto"]
-            print(f"$ python dim.py {' '.join(argv)}", flush=True)
-            try:
-                dim.train(argv)
-            except dim.UserError as e:
-                if "loss is" not in str(e):
-                    raise UserError(f"{name}: {e}")
-                print(f"{name} seed {seed}: {e}", flush=True)  # a non-finite loss: recorded, not evaluated
-                record(log, run=name, seed=seed, steps=steps, layer="", probe="diverged", top1=None, time_s=0.0)
-                continue
-            ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
-            last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][-1]
-            for (layer, kind), value in evaluate_dim(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
-                row = dict(run=name, seed=seed, steps=ckpt["step"], time_s=ckpt["time_s"], layer=layer, probe=kind,
-                           top1=value, final_local=last["local"], final_global=last["global"],
-                           final_d_acc=last["d_acc"])
-                record(log, **row)
+        for seed in [seed for seed in range(args.seeds) if (name, seed) not in done]:
+            dim_snapshot(name, flags, batch, seed, args, views, device, log)
     rows = [json.loads(l) for l in open(log)]  # with the diverged runs' lines
     total_s = add_time(args, f"seconds-{args.experiment}.txt", t_start)
     text = dim_report(rows, args, total_s)
     print(text)
     dim_plot(rows, args)
     return rows
+
+
+def dim_snapshot(name, flags, batch, seed, args, views, device, log):
+    """Trains seed `seed` of run `name` for its image budget and records the probes and the NDM; a run whose loss
+    turns non-finite is recorded as diverged and not evaluated."""
+    per_epoch = len(views["train"][1]) // batch
+    steps = max(1, round(args.dim_epochs * per_epoch))
+    out = os.path.join(args.out, name, f"seed{seed}")
+    try:
+        time_s, done = run_script(dim, run_argv(flags, args, out, seed, steps, steps, per_epoch), name)
+    except Diverged as e:
+        print(f"seed {seed} of {e}", flush=True)
+        record(log, run=name, seed=seed, steps=steps, layer="", probe="diverged", top1=None, time_s=0.0)
+        return
+    last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][-1]
+    for (layer, kind), value in evaluate_dim(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
+        record(log, run=name, seed=seed, steps=done, time_s=time_s, layer=layer, probe=kind, top1=value,
+               final_local=last["local"], final_global=last["global"], final_d_acc=last["d_acc"])
 
 
 def dim_cells(rows, name, layer, kind):

@@ -229,7 +229,7 @@ def make_bad(tmp_path, case):
     """-> (CKPT, OUT, extra arguments, a word the message must contain)."""
     p = tmp_path / "in.pt"
     if case == "missing":
-        return tmp_path / "nope.pt", "out.pth", [], "no such file"
+        return tmp_path / "nope.pt", "out.pth", [], "does not exist"
     if case == "truncated":
         official_ckpt(p)
         p.write_bytes(p.read_bytes()[:5000])
@@ -293,5 +293,5 @@ def test_command_line(tmp_path):
     torch.save([1, 2], p)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), str(p), str(tmp_path / "o.pth")],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr == f"error: {p} holds a list, not a checkpoint dict\n", r.stderr
+    assert r.returncode == 2 and r.stderr == f"error: {p} is not a checkpoint dict (found: list)\n", r.stderr
     assert not (tmp_path / "o.pth").exists()
