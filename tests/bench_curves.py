@@ -17,11 +17,17 @@ Runs, each for --epochs epochs on the built-in data (125 steps of 64 per epoch),
   dim.py:  reference (CPU loader), +gpu-aug; on CUDA also +amp and +compile.
 A script, not a test (45 min on the 2-core development CPU with the defaults):
   python tests/bench_curves.py [--epochs 3] [--seeds 3] [--scripts moco.py dim.py] [--device cpu]
+Before and after a change of the code: --keep DIR keeps every run's metrics.jsonl (DIR/<script>-<variant>-<seed>/);
+run it on the old tree, then on the new one with --against DIR: each run is compared with the old tree's run of
+the same script, variant and seed, loss by loss and kNN by kNN (equal to the bit, or the largest difference).
+  python tests/bench_curves.py --keep /tmp/before            # on the old tree
+  python tests/bench_curves.py --against /tmp/before         # on the new tree
 """
 import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +56,7 @@ def run(script, flags, seed, epochs, device, out):
     """Trains once; returns (losses per step, kNN top-1 after each epoch, seconds)."""
     argv = [sys.executable, os.path.join(ROOT, script), "--out", out, "--epochs", str(epochs), "--seed", str(seed),
             "--knn-every", "1", "--log-every", "1", "--device", device, *COMMON[script], *flags]
+    shutil.rmtree(out, ignore_errors=True)  # a kept folder of an earlier call: metrics.jsonl is appended to
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
@@ -57,6 +64,22 @@ def run(script, flags, seed, epochs, device, out):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return ([r["loss"] for r in rows if "loss" in r], [r["knn_top1"] for r in rows if "knn_top1" in r],
             time.perf_counter() - t)
+
+
+def against(old, new):
+    """One run against its twin from another tree: 'equal' (every logged loss and kNN top-1 equal to the bit), or
+    the largest differences."""
+    if not os.path.exists(os.path.join(old, "metrics.jsonl")):
+        return "no twin"
+    a, b = ([json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (old, new))
+    la, lb = ([r["loss"] for r in x if "loss" in r] for x in (a, b))
+    ka, kb = ([r["knn_top1"] for r in x if "knn_top1" in r] for x in (a, b))
+    if la == lb and ka == kb:
+        return f"equal ({len(la)} losses, {len(ka)} kNN)"
+    if len(la) != len(lb) or len(ka) != len(kb):
+        return f"different lengths ({len(la)}/{len(lb)} losses, {len(ka)}/{len(kb)} kNN)"
+    return (f"max |loss difference| {max(abs(x - y) for x, y in zip(la, lb)):.3g}, max |kNN difference| "
+            f"{max((abs(x - y) for x, y in zip(ka, kb)), default=0):.3g}")
 
 
 def windows(losses, w):
@@ -74,11 +97,14 @@ def main():
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--scripts", nargs="+", default=list(COMMON), choices=list(COMMON))
+    p.add_argument("--keep", help="keep the runs' folders here (default: a temporary folder)")
+    p.add_argument("--against", help="a --keep folder of another tree: compare every run with its twin there")
     opts = p.parse_args()
     if opts.seeds < 2:
         sys.exit("--seeds must be at least 2 (the standard errors come from the seed-to-seed spread)")
     w, seeds = opts.window, range(opts.seeds)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = opts.keep or tmp
         for script in opts.scripts:
             res, secs = {}, {}
             for name, flags in variants(script, opts.device):
@@ -99,7 +125,7 @@ def main():
                 cells = [mean_sd([c[i] for c in res[n][0]]) for n in names]
                 label = f"{i * w + 1}-{min((i + 1) * w, steps)}"
                 print(f"{label:>9s} " + " ".join(f"{m:9.4f} ({s:.4f})" for m, s in cells))
-            print(f"vs reference, per window: difference of the seed means / its standard error (z)")
+            print("vs reference, per window: difference of the seed means / its standard error (z)")
             for n in names[1:]:
                 zs, ds = [], []
                 for i in range(n_win):
@@ -113,6 +139,11 @@ def main():
             for n in names:
                 per_epoch = list(zip(*res[n][1]))
                 print(f"  {n:>9s}: " + ", ".join("{:.2f} ± {:.2f}".format(*mean_sd(e)) for e in per_epoch))
+            if opts.against:
+                print(f"against {opts.against}, run by run:")
+                for n in names:
+                    print(f"  {n:>9s}: " + "; ".join(against(os.path.join(opts.against, f"{script}-{n}-{s}"),
+                                                             os.path.join(tmp, f"{script}-{n}-{s}")) for s in seeds))
             print(flush=True)
 
 
