@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dim  # noqa: E402
+import eval_linear  # noqa: E402
 import gpu_aug  # noqa: E402
 
 
@@ -445,23 +446,36 @@ def assert_user_error(p, pattern):
     assert len(lines) == 1 and lines[0].startswith("error:") and re.search(pattern, lines[0]), p.stderr
 
 
-@pytest.mark.slow
+def in_process(main, *argv):
+    """main(argv) in this process -> a CompletedProcess-like (returncode, stdout, stderr): the scripts' one-line
+    errors without the start-up of a new interpreter (test_bad_inputs runs one case as a real process)."""
+    import contextlib
+    import io
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def test_bad_inputs(tmp_path):
     quick = ["--out", tmp_path / "o", "--workers", 0, "--knn-every", 0]
-    assert_user_error(run("dim.py", "--data", tmp_path / "missing", *quick, check=False), "no such folder")
-    assert_user_error(run("dim.py", "--batch-size", 9000, *quick, check=False), "larger than the training set")
-    assert_user_error(run("dim.py", "--estimator", "mine", *quick, check=False), "--estimator")
-    assert_user_error(run("dim.py", "--preset", "dimX", *quick, check=False), "argument --preset: invalid choice")
-    assert_user_error(run("dim.py", "--gpu-aug", "yes", *quick, check=False), "argument --gpu-aug: invalid choice")
-    assert_user_error(run("dim.py", "--no-such-flag", *quick, check=False), "unrecognized arguments: --no-such-flag")
+    assert_user_error(run("dim.py", "--data", tmp_path / "missing", *quick, check=False), "no such folder")  # a process
+    assert_user_error(in_process(dim.main, "--batch-size", 9000, *quick), "larger than the training set")
+    assert_user_error(in_process(dim.main, "--estimator", "mine", *quick), "--estimator")
+    assert_user_error(in_process(dim.main, "--preset", "dimX", *quick), "argument --preset: invalid choice")
+    assert_user_error(in_process(dim.main, "--gpu-aug", "yes", *quick), "argument --gpu-aug: invalid choice")
+    assert_user_error(in_process(dim.main, "--no-such-flag", *quick), "unrecognized arguments: --no-such-flag")
     torch.save({"algo": "moco", "args": {}}, tmp_path / "moco.pt")
-    assert_user_error(run("dim.py", "--resume", tmp_path / "moco.pt", *quick, check=False), "not a dim.py checkpoint")
+    assert_user_error(in_process(dim.main, "--resume", tmp_path / "moco.pt", *quick), "not a dim.py checkpoint")
     (tmp_path / "a_file").write_text("keep me")
-    p = run("dim.py", *quick[2:], "--out", tmp_path / "a_file", check=False)
+    p = in_process(dim.main, *quick[2:], "--out", tmp_path / "a_file")
     assert_user_error(p, "--out .*cannot make the output folder")
     assert (tmp_path / "a_file").read_text() == "keep me"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(run("dim.py", "--resume", tmp_path / "junk.pt", *quick, check=False), "cannot read")
+    assert_user_error(in_process(dim.main, "--resume", tmp_path / "junk.pt", *quick), "cannot read")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -505,8 +519,7 @@ def test_eval_linear_checks_flags_before_the_work(trained, tmp_path):
     bad_out = "--out .*not a writable file"
     for flags, pattern in [(["--out", tmp_path / "missing" / "r.json"], bad_out), (["--out", tmp_path], bad_out),
                            (["--aug", "flip"], "argument --aug: invalid choice")]:
-        p = run("eval_linear.py", "--pretrained", trained / "ckpt.pt", "--layer", "fc", "--workers", 0, *flags,
-                check=False)
+        p = in_process(eval_linear.main, "--pretrained", trained / "ckpt.pt", "--layer", "fc", "--workers", 0, *flags)
         assert_user_error(p, pattern)
         assert "features:" not in p.stdout
 
