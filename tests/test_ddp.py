@@ -174,8 +174,8 @@ def test_one_process_and_two_train_the_same_model(mechanism, port, tmp_path, ima
         for k, v in a["model"].items():
             if "running_" in k or "num_batches" in k:  # rank 0's statistics (DDP broadcasts them), not the mean
                 continue
-            w = b["model"][k]
-            assert torch.allclose(v.float(), w.float(), rtol=0, atol=tol), (steps, k, (v.float() - w.float()).abs().max())
+            gap = (v.float() - b["model"][k].float()).abs().max().item()
+            assert gap <= tol, (steps, k, gap)
             if k.startswith("encoder_q.") and k.endswith("weight"):
                 assert not torch.allclose(v, init[k], atol=1e-3), k  # the weights did move
 
