@@ -1,4 +1,7 @@
+import contextlib
+import io
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -9,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run of a script (8-45 s each here); "
+    config.addinivalue_line("markers", "slow: an end-to-end run of a script (3-55 s each here); "
                                        "`pytest -m 'not slow'` is the quick subset")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -31,3 +34,19 @@ def image_folder(tmp_path_factory):
         for j, i in enumerate(np.flatnonzero(y == c)[:40]):
             Image.fromarray(x[i]).save(d / f"{j:03d}.png")
     return str(root)
+
+
+def in_process(main, *argv, check=False):
+    """A script's main(argv) in this process -> a CompletedProcess-like (returncode, stdout, stderr); check: a
+    non-zero exit raises with its output. The same run as `python SCRIPT argv` without a new interpreter, whose
+    start-up (import torch and torchvision) costs ~4 s on the 2-core machine. Every script still runs as a real
+    process in some test (moco.py, dim.py, eval_linear.py, study.py, convert.py: `__main__`, exit status)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    if check and code != 0:
+        raise AssertionError(f"{argv} exited {code}:\n{out.getvalue()[-2000:]}\n{err.getvalue()[-3000:]}")
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

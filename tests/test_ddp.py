@@ -7,7 +7,9 @@ import pytest
 import torch
 from functools import partial
 
+import eval_linear
 import moco
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "ddp_moco.py")
@@ -104,9 +106,7 @@ def test_eval_linear_two_ranks_match_one(tmp_path, capsys):
                "--workers", "0", "--knn-every", "0"])
     ck = os.path.join(out, "ckpt.pt")
     common = ["--pretrained", ck, "--epochs", "3", "--workers", "0", "--device", "cpu"]
-    r = subprocess.run([sys.executable, "eval_linear.py"] + common + ["--out", str(tmp_path / "one.json")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    in_process(eval_linear.main, *common, "--out", tmp_path / "one.json", check=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
                         "eval_linear.py"] + common + ["--out", str(tmp_path / "two.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -161,9 +161,12 @@ def test_one_process_and_two_train_the_same_model(mechanism, port, tmp_path, ima
     init = moco.MoCo(partial(moco.build_encoder, "basic32", "cifar"), K=100, dim=128).state_dict()
     for steps, tol in ((1, 1e-5), (3, {"moco": 2e-3, "end-to-end": 1e-4, "memory-bank": 1e-3}[mechanism])):
         argv = flags + ["--max-steps", str(steps)]
-        r = subprocess.run([sys.executable, "moco.py", "--out", one] + argv, cwd=ROOT, capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
+        try:
+            in_process(moco.main, "--out", one, *argv, check=True)
+        finally:
+            torch.set_num_threads(threads)
         torchrun(["train", two] + argv, port=port)
         a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (one, two))
         assert a["step"] == b["step"] == steps

@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 import dim  # noqa: E402
 import eval_linear  # noqa: E402
 import gpu_aug  # noqa: E402
+from conftest import in_process  # noqa: E402
 
 
 def run(script, *argv, check=True):
@@ -323,8 +324,10 @@ def trained(tmp_path_factory):
 
 
 def probe(ckpt, layer, *extra):
+    """eval_linear.py on one tap: conv as a real process (the command line), the others in this process."""
     out = os.path.join(os.path.dirname(ckpt), f"eval_{layer}{'_'.join(extra)}.json")
-    run("eval_linear.py", "--pretrained", ckpt, "--layer", layer, "--epochs", 2, "--workers", 0, "--out", out, *extra)
+    argv = ["--pretrained", ckpt, "--layer", layer, "--epochs", 2, "--workers", 0, "--out", out, *extra]
+    run("eval_linear.py", *argv) if layer == "conv" else in_process(eval_linear.main, *argv, check=True)
     return json.load(open(out))
 
 
@@ -368,9 +371,9 @@ def tensors(obj, prefix=""):
 def test_resume_is_exact(tmp_path):
     common = ["--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0, "--gamma", 0.1,
               "--local-samples", 16]
-    run("dim.py", "--out", tmp_path / "a", "--max-steps", 8, *common)
-    run("dim.py", "--out", tmp_path / "c", "--max-steps", 4, *common)
-    p = run("dim.py", "--out", tmp_path / "c", "--max-steps", 8, "--resume", "auto")
+    in_process(dim.main, "--out", tmp_path / "a", "--max-steps", 8, *common, check=True)
+    in_process(dim.main, "--out", tmp_path / "c", "--max-steps", 4, *common, check=True)
+    p = in_process(dim.main, "--out", tmp_path / "c", "--max-steps", 8, "--resume", "auto", check=True)
     assert f"resumed from {tmp_path / 'c' / 'ckpt.pt'} at epoch 0 step 4" in p.stdout
     a, c = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in "ac")
     assert a["step"] == c["step"] == 8
@@ -417,8 +420,8 @@ def test_gpu_aug_on_the_cpu_follows_the_loader_and_resumes_exactly(tmp_path):
     """dim.py --gpu-aug on (built-in data, no augmentation at 32 px): the loss curve of the CPU loader to within
     the uint8 rounding of the resize, and 6 steps straight == 3 steps, stop, resume to 6 (torch.equal)."""
     common = ["--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0, "--log-every", 1]
-    run("dim.py", "--out", tmp_path / "cpu", "--max-steps", 6, "--gpu-aug", "off", *common)
-    p = run("dim.py", "--out", tmp_path / "dev", "--max-steps", 6, "--gpu-aug", "on", *common)
+    in_process(dim.main, "--out", tmp_path / "cpu", "--max-steps", 6, "--gpu-aug", "off", *common, check=True)
+    p = in_process(dim.main, "--out", tmp_path / "dev", "--max-steps", 6, "--gpu-aug", "on", *common, check=True)
     assert "uint8 on cpu, augmented there in batches" in p.stdout
     curve = [[json.loads(l)["loss"] for l in open(tmp_path / x / "metrics.jsonl") if '"loss"' in l]
              for x in ("cpu", "dev")]
@@ -426,8 +429,8 @@ def test_gpu_aug_on_the_cpu_follows_the_loader_and_resumes_exactly(tmp_path):
     assert abs(curve[0][0] - curve[1][0]) < 0.005 * curve[0][0], curve  # the same weights, inputs ~1/255 apart
     for a, b in zip(*curve):  # then the two runs drift apart slowly, as any two runs of SGD on nearby inputs
         assert abs(a - b) < 0.04 * abs(a), curve
-    run("dim.py", "--out", tmp_path / "half", "--max-steps", 3, "--gpu-aug", "on", *common)
-    run("dim.py", "--out", tmp_path / "half", "--max-steps", 6, "--gpu-aug", "on", "--resume", "auto")
+    in_process(dim.main, "--out", tmp_path / "half", "--max-steps", 3, "--gpu-aug", "on", *common, check=True)
+    in_process(dim.main, "--out", tmp_path / "half", "--max-steps", 6, "--gpu-aug", "on", "--resume", "auto", check=True)
     a, c = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in ("dev", "half"))
     ta, tc = dict(tensors({k: a[k] for k in ("model", "prior", "optimizer")})), \
         dict(tensors({k: c[k] for k in ("model", "prior", "optimizer")}))
@@ -444,20 +447,6 @@ def assert_user_error(p, pattern):
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and re.search(pattern, lines[0]), p.stderr
-
-
-def in_process(main, *argv):
-    """main(argv) in this process -> a CompletedProcess-like (returncode, stdout, stderr): the scripts' one-line
-    errors without the start-up of a new interpreter (test_bad_inputs runs one case as a real process)."""
-    import contextlib
-    import io
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def test_bad_inputs(tmp_path):
@@ -513,7 +502,6 @@ def test_nonsense_hyperparameters_stop_before_any_work(argv, message, tmp_path, 
     assert cap.err.count("\n") == 1 and not out.exists() and "data:" not in cap.out
 
 
-@pytest.mark.slow
 def test_eval_linear_checks_flags_before_the_work(trained, tmp_path):
     """A bad --out or --aug stops eval_linear.py in one line before feature extraction (no "features:" line)."""
     bad_out = "--out .*not a writable file"

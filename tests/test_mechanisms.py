@@ -3,8 +3,6 @@ memory-bank losses and the bank update against naive float64 references, then ea
 import json
 import math
 import os
-import subprocess
-import sys
 from functools import partial
 
 import pytest
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 
 import eval_linear
 import moco
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "3", "--batch-size", "32", "--moco-k", "64", "--bn-splits", "4", "--workers", "0",
@@ -144,7 +143,7 @@ def test_memory_bank_negatives_are_uniform_outside_the_batch():
 
 
 def test_memory_bank_fused_loss_equals_the_fallback():
-    moco_ext = pytest.importorskip("moco_ext", reason="moco_ext is not built")
+    moco_ext = pytest.importorskip("moco_ext", reason="moco_ext is not built", exc_type=ImportError)
     torch.manual_seed(0)
     plain = moco.MemoryBank(base(), 64, dim=16, K=20, T=0.2)
     fused = moco.MemoryBank(base(), 64, dim=16, K=20, T=0.2, fused=moco_ext)
@@ -164,10 +163,7 @@ def test_memory_bank_fused_loss_equals_the_fallback():
 # End to end: each mechanism trains, resumes exactly, and eval_linear.py reads its checkpoint
 # ----------------------------------------------------------------------------------------------------
 def run_moco(argv):
-    p = subprocess.run([sys.executable, "moco.py"] + TINY + argv, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p.stdout
+    return in_process(moco.main, *TINY, *argv, check=True).stdout
 
 
 @pytest.mark.slow

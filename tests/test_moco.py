@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import eval_linear
 import gpu_aug
 import moco
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "1", "--batch-size", "32", "--moco-k", "96", "--bn-splits", "4", "--workers", "0",
@@ -318,11 +319,7 @@ def test_end_to_end_then_eval_linear(tmp_path):
 
 
 def run_moco(argv, workers):
-    args = TINY + ["--workers", str(workers)]
-    code = subprocess.run([sys.executable, "moco.py"] + args + argv, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert code.returncode == 0, code.stderr
-    return code.stdout
+    return in_process(moco.main, *TINY, "--workers", workers, *argv, check=True).stdout
 
 
 @pytest.mark.slow

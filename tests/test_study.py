@@ -12,6 +12,7 @@ sys.path.insert(0, ROOT)
 import moco  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import write_idx  # noqa: E402
+from conftest import in_process  # noqa: E402
 
 
 def small_idx_folder(tmp_path):
@@ -25,7 +26,11 @@ def small_idx_folder(tmp_path):
     return data
 
 
-def run_study(argv):
+def run_study(argv, process=False):
+    """study.py argv -> its stdout; in this process unless process (the command line itself)."""
+    if not process:
+        import study
+        return in_process(study.main, *argv, check=True).stdout
     p = subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *map(str, argv)], capture_output=True,
                        text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -37,7 +42,7 @@ def test_study_runs_end_to_end(tmp_path):
     data, out = small_idx_folder(tmp_path), tmp_path / "out"
     argv = ["--data", data, "--out", out, "--budget", 2, "--seeds", 2, "--methods", "dimL-jsd,moco,supervised",
             "--probe-epochs", 3, "--mlp-epochs", 1, "--device", "cpu", "--knn-conv", "on"]
-    log = run_study(argv)
+    log = run_study(argv, process=True)
     rows = [json.loads(l) for l in open(out / "results.jsonl")]
     got = {(r["method"], r["layer"], r["probe"], r["frac"]) for r in rows}
     for method, layers in (("dimL-jsd", ("conv", "fc", "y")), ("moco", ("conv", "backbone")),
@@ -181,7 +186,8 @@ def test_dim_ablations_run_share_and_count_divergence(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script", ["moco.py", "dim.py", "eval_linear.py", "convert.py", "study.py"])
 def test_help_prints(script):
-    """--help works for every script (a '%' in a help text once broke study.py's)."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    assert p.returncode == 0 and "usage:" in p.stdout, p.stderr[-2000:]
+    """--help works for every script (a '%' in a help text once broke study.py's); in this process, as each
+    script's command line runs as a real process elsewhere in the tests."""
+    import importlib
+    p = in_process(importlib.import_module(script[:-3]).main, "--help")
+    assert p.returncode == 0 and "usage:" in p.stdout and "--help" in p.stdout, p.stderr[-2000:]
