@@ -327,7 +327,10 @@ def probe(ckpt, layer, *extra):
     """eval_linear.py on one tap: conv as a real process (the command line), the others in this process."""
     out = os.path.join(os.path.dirname(ckpt), f"eval_{layer}{'_'.join(extra)}.json")
     argv = ["--pretrained", ckpt, "--layer", layer, "--epochs", 2, "--workers", 0, "--out", out, *extra]
-    run("eval_linear.py", *argv) if layer == "conv" else in_process(eval_linear.main, *argv, check=True)
+    if layer == "conv":
+        run("eval_linear.py", *argv)
+    else:
+        in_process(eval_linear.main, *argv, check=True)
     return json.load(open(out))
 
 
