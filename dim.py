@@ -583,9 +583,7 @@ def load_data(args):
         return ArrayData(x, y), ArrayData(xt, yt), args.dataset
     tv = torchvision.datasets
     cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "fashionmnist": tv.FashionMNIST, "mnist": tv.MNIST,
-           "stl10": tv.STL10}.get(args.dataset)
-    if cls is None:
-        raise UserError(f"unknown --dataset {args.dataset!r}")
+           "stl10": tv.STL10}[args.dataset]  # the parser checked the name (DATASETS)
     splits = ({"split": "train+unlabeled"}, {"split": "test"}) if cls is tv.STL10 else ({"train": 1}, {"train": 0})
     try:
         return (*(cls(root=root, download=args.download, transform=to_rgb, **s) for s in splits), args.dataset)
