@@ -6,7 +6,9 @@ The CPU kernels are always built. The CUDA kernels are built whenever a CUDA too
 found (CUDA_HOME / CUDA_PATH, else the toolkit of `nvcc` on PATH), even with no GPU
 visible; FORCE_CUDA=1 makes a missing toolkit an error, USE_CUDA=0 skips CUDA.
 Architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs, else "8.0;8.6;8.9;9.0+PTX"
-(moco_ext/_build.py, which also holds the compiler flags shared with the JIT build).
+(moco_ext/_build.py, which also holds the compiler flags shared with the JIT build); entries below 8.0
+(the kernels need bf16/TF32 tensor cores) are dropped with a warning, and with none left only the CPU
+kernels are built.
 """
 import os
 import shutil
@@ -46,9 +48,9 @@ if cuda_home is not None:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-with_cuda = cuda_home is not None and torch.version.cuda is not None
-if os.environ.get("FORCE_CUDA") == "1" and not with_cuda:
+if os.environ.get("FORCE_CUDA") == "1" and torch.version.cuda is None:
     raise RuntimeError("FORCE_CUDA=1 but this torch has no CUDA support")
+with_cuda = build.with_cuda(cuda_home is not None)  # False, with a warning, if no architecture is left
 
 sources = ["csrc/infonce.cpp", "csrc/infonce_cpu.cpp"]
 flags = build.compile_flags(with_cuda, cuda_home)

@@ -414,16 +414,18 @@ __global__ void advance_ptr_kernel(int64_t* ptr, int64_t N, int64_t K) {
 void enqueue_cuda(at::Tensor& queue, at::Tensor& ptr, const at::Tensor& keys) {
   check_enqueue_inputs(queue, ptr, keys);
   const int64_t N = keys.size(0), C = queue.size(0), K = queue.size(1);
-  if (N == 0 || C == 0) return;
+  if (N == 0) return;
   const c10::cuda::CUDAGuard guard(queue.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int blocks = int(std::min<int64_t>((N * C + 255) / 256, 4096));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "enqueue_", [&] {
-    enqueue_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
-        queue.data_ptr<scalar_t>(), queue.stride(0), queue.stride(1), keys.data_ptr<scalar_t>(),
-        keys.stride(0), keys.stride(1), ptr.data_ptr<int64_t>(), N, C, K);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (C > 0) {  // C == 0: nothing to copy, but ptr advances, as on the CPU
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "enqueue_", [&] {
+      enqueue_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+          queue.data_ptr<scalar_t>(), queue.stride(0), queue.stride(1), keys.data_ptr<scalar_t>(),
+          keys.stride(0), keys.stride(1), ptr.data_ptr<int64_t>(), N, C, K);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   advance_ptr_kernel<<<1, 1, 0, stream>>>(ptr.data_ptr<int64_t>(), N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

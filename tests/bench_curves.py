@@ -17,6 +17,8 @@ Runs, each for --epochs epochs on the built-in data (125 steps of 64 per epoch),
   dim.py:  reference (CPU loader), +gpu-aug; on CUDA also +amp and +compile.
 A script, not a test (45 min on the 2-core development CPU with the defaults):
   python tests/bench_curves.py [--epochs 3] [--seeds 3] [--scripts moco.py dim.py] [--device cpu]
+  python tests/bench_curves.py --scripts dim.py --seeds 2 --max-steps 2 --window 1 --workers 0 --knn-every 0 \
+      --batch-size 16                                                                 # toy run (the test suite's)
 Before and after a change of the code: --keep DIR keeps every run's metrics.jsonl (DIR/<script>-<variant>-<seed>/);
 run it on the old tree, then on the new one with --against DIR: each run is compared with the old tree's run of
 the same script, variant and seed, loss by loss and kNN by kNN (equal to the bit, or the largest difference).
@@ -52,10 +54,18 @@ def variants(script, device):
     return out
 
 
-def run(script, flags, seed, epochs, device, out):
+def overrides(opts):
+    """The flags given to every run after COMMON's and the variant's (later flags win)."""
+    return ((["--max-steps", str(opts.max_steps)] if opts.max_steps else [])
+            + (["--workers", str(opts.workers)] if opts.workers >= 0 else [])
+            + (["--batch-size", str(opts.batch_size)] if opts.batch_size else []))
+
+
+def run(script, flags, seed, opts, out):
     """Trains once; returns (losses per step, kNN top-1 after each epoch, seconds)."""
-    argv = [sys.executable, os.path.join(ROOT, script), "--out", out, "--epochs", str(epochs), "--seed", str(seed),
-            "--knn-every", "1", "--log-every", "1", "--device", device, *COMMON[script], *flags]
+    argv = [sys.executable, os.path.join(ROOT, script), "--out", out, "--epochs", str(opts.epochs), "--seed", str(seed),
+            "--knn-every", str(opts.knn_every), "--log-every", "1", "--device", opts.device, *COMMON[script], *flags,
+            *overrides(opts)]
     shutil.rmtree(out, ignore_errors=True)  # a kept folder of an earlier call: metrics.jsonl is appended to
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
@@ -96,6 +106,10 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each run after this many steps (0: --epochs)")
+    p.add_argument("--workers", type=int, default=-1, help="data loader processes per run (default: COMMON's 2)")
+    p.add_argument("--knn-every", type=int, default=1, help="kNN monitor every N epochs (0: off)")
+    p.add_argument("--batch-size", type=int, default=0, help="batch size of every run (default: COMMON's 64)")
     p.add_argument("--scripts", nargs="+", default=list(COMMON), choices=list(COMMON))
     p.add_argument("--keep", help="keep the runs' folders here (default: a temporary folder)")
     p.add_argument("--against", help="a --keep folder of another tree: compare every run with its twin there")
@@ -108,14 +122,14 @@ def main():
         for script in opts.scripts:
             res, secs = {}, {}
             for name, flags in variants(script, opts.device):
-                runs = [run(script, flags, s, opts.epochs, opts.device, os.path.join(tmp, f"{script}-{name}-{s}"))
+                runs = [run(script, flags, s, opts, os.path.join(tmp, f"{script}-{name}-{s}"))
                         for s in seeds]
                 res[name] = ([windows(r[0], w) for r in runs], [r[1] for r in runs])
                 steps = len(runs[0][0])
                 secs[name] = statistics.fmean(r[2] for r in runs)
             names = list(res)
-            print(f"# {script} {' '.join(COMMON[script])}, built-in data, {opts.epochs} epoch(s) = {steps} steps, "
-                  f"{opts.device}, seeds 0-{opts.seeds - 1}")
+            print(f"# {script} {' '.join(COMMON[script] + overrides(opts))}, built-in data, {opts.epochs} epoch(s) = "
+                  f"{steps} steps, {opts.device}, seeds 0-{opts.seeds - 1}")
             for name, flags in variants(script, opts.device):
                 print(f"#   {name}: {' '.join(flags)} ({secs[name]:.0f} s per run)")
             print(f"loss averaged over {w}-step windows: mean over seeds (seed std)")

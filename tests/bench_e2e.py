@@ -8,6 +8,8 @@ same), for --epochs epochs of the 200-epoch schedule (--max-steps), then prints 
 Nothing is downloaded. A script, not a test:
     python tests/bench_e2e.py [--epochs 3] [--flags "--amp --compile"]            # on a GPU
     python tests/bench_e2e.py --images 2048 --epochs 2 --flags "--arch basic32 --batch-size 128"  # CPU smoke run
+    python tests/bench_e2e.py --images 128 --test-images 128 --epochs 2 \
+        --flags "--device cpu --arch basic32 --batch-size 32 --moco-k 64 --workers 0"     # toy run (the test suite's)
 """
 import argparse
 import gzip
@@ -23,7 +25,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 import moco  # noqa: E402
 
 

@@ -2,6 +2,7 @@
 
     python tests/bench_infonce.py                 # CPU (256, 128, 16384); GPU sizes if one is visible
     python tests/bench_infonce.py --device cpu    # CPU only (--threads 1: one core)
+    python tests/bench_infonce.py --device cpu --quick   # toy sizes, 3 repeats: checks that it runs (seconds)
 
 Loss: forward + backward of the mean loss over the batch, q requiring grad.
   eager = MoCo's formula: einsum pos, einsum neg against queue.clone().detach(), cat, /T,
@@ -9,9 +10,14 @@ Loss: forward + backward of the mean loss over the batch, q requiring grad.
 Enqueue: index_copy_ at (ptr + arange(N)) % K and a device-side ptr update vs moco_ext.enqueue_.
 Times are medians; eager and fused take turns, call by call. "extra peak" is the memory one
 step needs beyond its inputs: on CUDA from the caching allocator, on CPU the rise in peak RSS of
-a fresh subprocess. GPU rows also print the floor of kernel.md section 3 (HBM 4.3 TB/s measured;
-FP32 67, TF32 494, BF16 989 TFLOP/s dense) and the queue is rotated over several copies so that
-it is not served from L2 (fused reads the copy half a rotation away from the one eager just read).
+a fresh subprocess. GPU rows also print the floor of kernel.md section 3: the bytes over this GPU's
+memory bandwidth (by its name: H200 4.3 TB/s, H100 SXM 3.0 TB/s, copies measured on this workplace's
+machines; another GPU: a device-to-device copy measured now) or the FLOPs over its dense rate (H100/H200
+SXM: FP32 67, TF32 494, BF16 989 TFLOP/s), whichever is larger; the queue is rotated over several
+copies so that it is not served from L2 (fused reads the copy half a rotation away from the one eager
+just read). On a GPU the run ends with one table of fused against eager for fp32 (TF32 off: the
+kernel's FFMA path), TF32 and bf16 at N = 256 and 4096 (C = 128, K = 65536): the data for moco.py's
+--fused auto rule (take the fused op only where it wins).
 Targets (issue 3): CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256 and
 within 3x of the floor.
 """
@@ -25,10 +31,30 @@ import time
 import torch
 import torch.nn.functional as F
 
-import moco_ext
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python tests/bench_infonce.py` from the repository root finds moco_ext
+    sys.path.insert(0, ROOT)
+import moco_ext  # noqa: E402
 
 T = 0.07  # MoCo's temperature
-HBM, PEAK = 4.3e12, {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12}  # kernel.md section 3
+# name fragment -> (memory bandwidth B/s: device-to-device copies measured on this workplace's machines,
+# dense FLOP/s by mode: the vendor's datasheet for the SXM parts; kernel.md section 3)
+GPUS = {"H200": (4.3e12, {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12}),
+        "H100 80GB HBM3": (3.0e12, {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12})}
+
+
+def gpu_roofline():
+    """(bandwidth B/s, {mode: FLOP/s} or None, where the numbers come from) for the current GPU."""
+    name = torch.cuda.get_device_name()
+    for key, (bw, peak) in GPUS.items():
+        if key in name:
+            return bw, peak, f"{name}: {bw / 1e12:.1f} TB/s (table)"
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    (t,) = timeit([lambda i: y.copy_(x)], "cuda", 10)
+    bw = 2 * x.numel() * 4 / t  # bytes read + written
+    del x, y
+    return bw, None, f"{name}: {bw / 1e12:.2f} TB/s (copy measured now; no FLOP rates known)"
 
 
 def make_inputs(N, C, K, device, dtype, copies=1):
@@ -102,10 +128,11 @@ def cpu_extra_peak_mb(variant, N, C, K):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench_loss(N, C, K, device, mode, repeat):
+def bench_loss(N, C, K, device, mode, repeat, roof=None):
+    """One row: fused against eager, forward + backward -> a dict of the numbers (also printed)."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"  # fp32: both sides without TF32
     copies = 1 if device == "cpu" else max(2, int(200e6 // (C * K * dtype.itemsize)) + 1)
     q, k, queues = make_inputs(N, C, K, device, dtype, copies)
     err = (eager_step(q, k, queues[0]) - fused_step(q, k, queues[0])).abs().item()
@@ -128,11 +155,27 @@ def bench_loss(N, C, K, device, mode, repeat):
             f" | fused {res['fused'] * 1e3:8.3f} ms | speedup {res['eager'] / res['fused']:5.2f}x"
             f" | extra peak MB eager {res['eager_mb']:7.1f}, fused {res['fused_mb']:6.1f}"
             f" | |dloss| {err:.1e}")
-    if device == "cuda":
+    res.update(N=N, C=C, K=K, mode=mode, err=err, floor=None)
+    if roof is not None:
+        bw, peak, _ = roof
         bytes_ = (C * K + 4 * N * C) * dtype.itemsize + 2 * N * C * 4
-        floor = max(bytes_ / HBM, 4 * N * K * C / PEAK[mode])
-        line += f" | floor {floor * 1e6:6.1f} us, fused/floor {res['fused'] / floor:5.1f}x"
+        res["floor"] = max(bytes_ / bw, 4 * N * K * C / peak[mode] if peak else 0.0)
+        line += f" | floor {res['floor'] * 1e6:6.1f} us, fused/floor {res['fused'] / res['floor']:5.1f}x"
     print(line, flush=True)
+    return res
+
+
+def print_table(rows, where):
+    """The rows of bench_loss as one table: which path is faster, per size and precision."""
+    print(f"\nfused vs eager, InfoNCE loss forward + backward, median ms ({where}):")
+    print(f"{'N':>5s} {'C':>4s} {'K':>6s} {'mode':>4s} {'eager ms':>9s} {'fused ms':>9s} {'eager/fused':>11s} "
+          f"{'floor us':>9s} {'fused/floor':>11s}  faster")
+    for r in rows:
+        floor = (f"{r['floor'] * 1e6:9.1f} {r['fused'] / r['floor']:10.1f}x" if r["floor"]
+                 else f"{'-':>9s} {'-':>11s}")
+        print(f"{r['N']:5d} {r['C']:4d} {r['K']:6d} {r['mode']:>4s} {r['eager'] * 1e3:9.3f} {r['fused'] * 1e3:9.3f} "
+              f"{r['eager'] / r['fused']:10.2f}x {floor}  {'fused' if r['fused'] < r['eager'] else 'eager'}",
+              flush=True)
 
 
 def bench_enqueue(N, C, K, device, repeat):
@@ -149,7 +192,10 @@ def main():
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="toy sizes and 3 repeats: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.repeat = min(args.repeat, 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if args.device != "cpu" and torch.cuda.is_available() else [])
@@ -157,15 +203,21 @@ def main():
         devices = ["cuda"]
     print(f"moco_ext benchmark: torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
           f"GPU {torch.cuda.get_device_name() if 'cuda' in devices else 'none'}, T={T}")
+    C, K_cpu, K_gpu, sizes = (32, 2048, 4096, (64, 256)) if args.quick else (128, 16384, 65536, (256, 4096))
     for device in devices:
         if device == "cpu":
-            bench_loss(256, 128, 16384, "cpu", "fp32", args.repeat)
-            bench_enqueue(256, 128, 16384, "cpu", args.repeat)
+            rows = [bench_loss(sizes[0], C, K_cpu, "cpu", "fp32", args.repeat)]
+            bench_enqueue(sizes[0], C, K_cpu, "cpu", args.repeat)
+            print_table(rows, f"CPU, {torch.get_num_threads()} threads")
         else:
-            for N in (256, 4096):
+            roof = gpu_roofline()
+            rows = []
+            for N in sizes:
                 for mode in ("fp32", "tf32", "bf16"):
-                    bench_loss(N, 128, 65536, "cuda", mode, args.repeat)
-                bench_enqueue(N, 128, 65536, "cuda", args.repeat)
+                    rows.append(bench_loss(N, C, K_gpu, "cuda", mode, args.repeat, roof))
+                bench_enqueue(N, C, K_gpu, "cuda", args.repeat)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            print_table(rows, f"{roof[2]}; fp32 = TF32 off, eager cuBLAS fp32 against the kernel's FFMA path")
 
 
 if __name__ == "__main__":

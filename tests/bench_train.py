@@ -3,6 +3,7 @@ on synthetic data already on the device; then the data path (BatchAugment agains
 
     python tests/bench_train.py               # the GPU configurations (needs CUDA)
     python tests/bench_train.py --quick       # small sizes on the CPU, a couple of minutes
+    python tests/bench_train.py --tiny        # every row at toy sizes on the CPU (the test suite's run), seconds
     python tests/bench_train.py --compile     # ours also with torch.compile on the encoders
     python tests/bench_train.py --whole-run   # `python moco.py` end to end against a plain loop of its recipe
 
@@ -18,8 +19,8 @@ with the preset's bn_splits), so the ratio measures the step, not the architectu
 DIM: dim.py's own model (dimL: local JSD, prior matching) fp32 eager against dim.py's --amp (and --compile);
 rdevon/DIM itself is not re-created, so this row is "official-style execution", not "official code".
 Images/s counts training images per second (a MoCo pair is one image, as the official 168 img/s per V100).
-Floor: the model's matmul/conv FLOPs (torch.utils.flop_counter, forward + backward) at the chip's dense
-bf16 rate (--peak-tflops; 989 for H100/H200 SXM).
+Floor: the model's matmul/conv FLOPs (torch.utils.flop_counter's formulas, forward + backward, and for DIM the
+double backward of the prior's gradient penalty) at the chip's dense bf16 rate (--peak-tflops; 989 for H100/H200 SXM).
 """
 import argparse
 import datetime
@@ -35,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 import gpu_aug  # noqa: E402
 import moco  # noqa: E402
 
@@ -100,10 +102,27 @@ def timed(step, images, device, warmup, steps):
 
 
 def count_flops(step):
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
+    """FLOPs of the matmuls and convolutions that step() runs, forward, backward and double backward, by
+    torch.utils.flop_counter's per-operator formulas. Not FlopCounterMode itself: its per-module tracker hooks
+    the backward and raises under autograd.grad(create_graph=True), which dim.py's gradient penalty runs. Where
+    FlopCounterMode works, the two counts are equal (tests/test_bench.py checks both that and the penalty's
+    FLOPs against a hand count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Count() as c:
         step()
-    return fc.get_total_flops()
+    return c.total
 
 
 def set_tf32(on):
@@ -184,41 +203,50 @@ def side_by_side(official_step, our_step, images, device, warmup, steps, opts):
     return official, ours
 
 
+def dim_args(*flags):
+    import dim
+    return dim.resolve(dim.parse_args(["--preset", "dimL", *flags])[0])
+
+
+def dim_step(args, x, amp=False, compile_=False):
+    """One optimisation step of dim.py (as in dim.train): the prior discriminator's (with its gradient penalty,
+    --prior-gp), then the encoder's; bf16 autocast with amp."""
+    import dim
+    device = x.device
+    torch.manual_seed(0)
+    encoder = dim.build_encoder(args.arch, args.image_size, args.y_dim)
+    model = dim.DIM(encoder, args.image_size, args.y_dim, args.beta > 0, args.alpha > 0, args.critic,
+                    args.mi_units).to(device)
+    prior = dim.prior_discriminator(args.y_dim).to(device)
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
+    opt, opt_p = torch.optim.Adam(model.parameters(), **adam), torch.optim.Adam(prior.parameters(), **adam)
+    if compile_:
+        model.encoder.compile()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            mi, y = model(x, args.estimator, args.local_samples)
+            d_loss, _ = dim.prior_d_loss(prior, y, args.prior_gp)
+            opt_p.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_p.step()
+            loss = args.beta * mi["local"] + args.gamma * dim.prior_encoder_loss(prior, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def bench_dim(batch, device, opts, warmup, steps):
     """dim.py's step (as in dim.train, preset dimL) fp32 eager vs --amp (bf16 on CUDA) [+ --compile]."""
-    import dim
-    args = dim.resolve(dim.parse_args(["--preset", "dimL"])[0])
+    args = dim_args()
     cuda = device.type == "cuda"
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)  # (B, 3, 32, 32)
-
-    def build(amp, compile_):
-        torch.manual_seed(0)
-        encoder = dim.build_encoder(args.arch, args.image_size, args.y_dim)
-        model = dim.DIM(encoder, args.image_size, args.y_dim, args.beta > 0, args.alpha > 0, args.critic,
-                        args.mi_units).to(device)
-        prior = dim.prior_discriminator(args.y_dim).to(device)
-        adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
-        opt, opt_p = torch.optim.Adam(model.parameters(), **adam), torch.optim.Adam(prior.parameters(), **adam)
-        if compile_:
-            model.encoder.compile()
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                mi, y = model(x, args.estimator, args.local_samples)
-                d_loss, _ = dim.prior_d_loss(prior, y, args.prior_gp)
-                opt_p.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_p.step()
-                loss = args.beta * mi["local"] + args.gamma * dim.prior_encoder_loss(prior, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
-
     official_precision(opts.strict_fp32)
-    base_step = build(False, False)
+    base_step = dim_step(args, x)
     flops = count_flops(base_step) / batch
-    return (*side_by_side(base_step, build(cuda, opts.compile), batch, device, warmup, steps, opts), flops)
+    return (*side_by_side(base_step, dim_step(args, x, cuda, opts.compile), batch, device, warmup, steps, opts),
+            flops)
 
 
 def bench_data(device, batch, workers, n_batches):
@@ -378,6 +406,7 @@ def whole_run(opts):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes on the CPU")
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU, one round: checks that every row runs")
     p.add_argument("--compile", action="store_true", help="torch.compile our encoders")
     p.add_argument("--strict-fp32", action="store_true", help="official-style baseline without TF32")
     p.add_argument("--threads", type=int, default=-1,
@@ -397,6 +426,8 @@ def main():
     if opts.whole_run:
         whole_run(opts)
         return
+    if opts.tiny:
+        opts.quick, opts.rounds = True, 1
     cuda = torch.cuda.is_available() and not opts.quick
     if not cuda and not opts.quick:
         print("no CUDA GPU visible: running --quick")
@@ -409,7 +440,11 @@ def main():
     peak = opts.peak_tflops or (989.0 if cuda and any(s in hw for s in ("H100", "H200")) else 0.0)
     print(f"# bench_train {datetime.date.today()} | {hw} | torch {torch.__version__} | "
           f"fused InfoNCE: {'moco_ext' if moco.load_fused('auto', device) else 'off'} | compile: {opts.compile}")
-    if opts.quick:
+    if opts.tiny:
+        cfgs = [dict(name="moco basic32 32px b16 K256", arch="basic32", stem="cifar", size=32, batch=16, K=256,
+                     m=0.99, T=0.1, mlp=False, bn_splits=2, warmup=1, steps=1)]
+        dims, dim_steps = [4], (1, 1)
+    elif opts.quick:
         cfgs = [dict(name="moco basic32 32px b64 K4096", arch="basic32", stem="cifar", size=32, batch=64, K=4096,
                      m=0.99, T=0.1, mlp=False, bn_splits=8, warmup=2, steps=5),
                 dict(name="moco resnet18-cifar 32px b32 K4096", arch="resnet18", stem="cifar", size=32, batch=32,
@@ -444,8 +479,8 @@ def main():
     else:
         for b in dims:
             row(f"dim basic32 32px b{b} (dimL, vs fp32 eager)", *bench_dim(b, device, opts, *dim_steps))
-    workers = opts.workers if opts.workers >= 0 else (2 if opts.quick else 8)
-    batch, n = (128, 8) if opts.quick else (512, 30)
+    workers = opts.workers if opts.workers >= 0 else (0 if opts.tiny else 2 if opts.quick else 8)
+    batch, n = (16, 2) if opts.tiny else (128, 8) if opts.quick else (512, 30)
     cpu, ours = bench_data(device, batch, workers, n)
     print(f"data path, 32px pairs/s (cifar aug, batch {batch}): CPU loader ({workers} workers) {cpu:.0f}, "
           f"BatchAugment on {device.type} {ours:.0f}: {ours / cpu:.2f}x")

@@ -6,7 +6,8 @@ computed from the same (rounded) inputs as the op. CPU runs always; the CUDA cop
 when no GPU is visible or the library has no CUDA kernels (unless MOCO_EXT_EXPECT_CUDA=1). If the
 extension is not built (a fresh clone), the session builds it just in time with ninja (moco_ext's
 MOCO_EXT_JIT path, into torch's extension cache, which the next session reuses); it skips only where
-there is no C++ compiler. With MOCO_EXT_EXPECT_CUDA=1 the CUDA kernels must be compiled in.
+there is no C++ compiler. With MOCO_EXT_EXPECT_CUDA=1 the CUDA kernels must be compiled in; with
+MOCO_EXT_EXPECT_BUILT=1 (CI after its pip install) the pip-built moco_ext._C must load: no rebuild, no skip.
 """
 import copy
 import functools
@@ -22,26 +23,24 @@ import torch.nn.functional as F
 
 def import_moco_ext():
     """moco_ext as built by setup.py, else compiled now with ninja (CPU kernels; CUDA too where a GPU and a
-    toolkit are found). MOCO_EXT_JIT is set only for this import: subprocesses see the user's environment."""
+    toolkit are found). MOCO_EXT_JIT is set only for this import: subprocesses see the user's environment.
+    With MOCO_EXT_EXPECT_BUILT=1 (CI after `pip install -e .`) the pip-built moco_ext._C must import: no
+    just-in-time rebuild, no skip; the ImportError fails the session."""
+    expect_built = os.environ.get("MOCO_EXT_EXPECT_BUILT") == "1"
     try:
         import moco_ext
         return moco_ext
     except ImportError:
-        pass
+        if expect_built:
+            raise
     cxx = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension calls
     if shutil.which(cxx) is None:
         pytest.skip(f"moco_ext is not built and there is no C++ compiler ({cxx!r} not on PATH) to build it "
                     "just in time", allow_module_level=True)
-    old = os.environ.get("MOCO_EXT_JIT")
-    os.environ["MOCO_EXT_JIT"] = "1"
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOCO_EXT_JIT", "1")
         import moco_ext
         return moco_ext
-    finally:
-        if old is None:
-            del os.environ["MOCO_EXT_JIT"]
-        else:
-            os.environ["MOCO_EXT_JIT"] = old
 
 
 moco_ext = import_moco_ext()
@@ -275,6 +274,27 @@ def test_enqueue_random_sequence(device, dtype, K):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_enqueue_zero_channels(device):
+    """C == 0: nothing to copy, but ptr advances as for any batch (CPU and CUDA kernels agree)."""
+    queue = torch.zeros(0, 10, device=device)
+    ptr = torch.tensor([7], device=device)
+    moco_ext.enqueue_(queue, ptr, torch.zeros(4, 0, device=device))
+    assert int(ptr) == 1
+    moco_ext.enqueue_(queue, ptr, torch.zeros(0, 0, device=device))  # N == 0: nothing at all
+    assert int(ptr) == 1
+
+
+@pytest.mark.skipif(os.environ.get("MOCO_EXT_EXPECT_BUILT") != "1", reason="MOCO_EXT_EXPECT_BUILT unset")
+def test_pip_built_library_loaded():
+    """CI after `pip install -e .`: the tests ran the pip-built moco_ext._C, not a just-in-time build."""
+    import sys
+    assert "moco_ext._C" in sys.modules, "moco_ext was loaded without its compiled moco_ext._C"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = os.path.realpath(sys.modules["moco_ext._C"].__file__)
+    assert os.path.dirname(lib) == os.path.realpath(os.path.join(root, "moco_ext")), lib
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_enqueue_wraps(device):
     """K = 10, N = 4: ptr 0 -> 4 -> 8 -> 2, the third batch split over the end of the ring."""
     queue = torch.zeros(2, 10, device=device)
@@ -324,12 +344,20 @@ def test_cuda_no_host_sync():
     q, k, queue = inputs(64, 128, 4096, "cuda", torch.float32)
     ptr = torch.zeros(1, dtype=torch.long, device="cuda")
     torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         moco_ext.infonce_loss(q, k, queue, 0.07)
         moco_ext.enqueue_(queue, ptr, k)
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.set_sync_debug_mode(old)
+
+
+@cuda
+def test_cuda_kernels_usable_on_this_gpu():
+    """The real check, nothing monkeypatched: a code object fits this GPU and the trial launch is right."""
+    assert moco_ext.unusable_reason("cuda") is None
+    assert moco_ext.unusable_reason(torch.device("cuda", torch.cuda.current_device())) is None
 
 
 @pytest.mark.skipif(os.environ.get("MOCO_EXT_EXPECT_CUDA") != "1", reason="MOCO_EXT_EXPECT_CUDA unset")
@@ -428,6 +456,31 @@ def test_arch_list_parsing(monkeypatch):
         "-gencode=arch=compute_90,code=compute_90"]
     assert "-DMOCO_EXT_CUDA_ARCHS=sm_80,sm_90,compute_90" in flags["cxx"]
     assert not any("," in f for f in flags["nvcc"] if f.startswith("-D"))  # nvcc would split it into defines
+
+
+@pytest.mark.parametrize("arch_list,cuda_built,codes", [
+    ("7.0;7.5+PTX", False, None),                     # nothing the kernels compile for: CPU kernels only
+    ("7.5;8.0;8.6", True, ["sm_80", "sm_86"]),       # 7.5 dropped, the rest built
+])
+def test_jit_build_drops_pre_ampere_archs(monkeypatch, capfd, arch_list, cuda_built, codes):
+    """The just-in-time build with a CUDA toolkit and an arch list below 8.0 (a pre-Ampere GPU, a CUDA image's
+    TORCH_CUDA_ARCH_LIST): never the .cu with those archs (nvcc fails on bf16 wmma), one warning."""
+    from torch.utils import cpp_extension
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/nonexistent/cuda")
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    monkeypatch.setattr(moco_ext._build, "_warned", set())
+    moco_ext._jit_build()
+    (kw,) = calls
+    assert any(s.endswith(".cu") for s in kw["sources"]) == cuda_built
+    assert kw["name"] == "moco_ext_jit" + ("_cuda" if cuda_built else "")
+    gencode = [f for f in kw["extra_cuda_cflags"] if f.startswith("-gencode")]
+    assert gencode == [f"-gencode=arch=compute_{c[3:]},code={c}" for c in codes or []]
+    err = capfd.readouterr().err
+    assert err.count("warning") == 1 and "7.5" in err and ("CPU kernels" in err) == (not cuda_built), err
 
 
 # ---------------------------------------------------------------------------------------------
