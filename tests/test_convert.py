@@ -1,5 +1,6 @@
 """Tests for convert.py: each output format loaded by the code that reads it, against the encoder it came from."""
 import dataclasses
+import json
 import os
 import pickle
 import subprocess
@@ -87,11 +88,29 @@ def torchvision_resnet18(stem):
     return net
 
 
-def from_build(saved):
-    scope = {}
-    exec(saved["build"], scope)
-    scope["enc"].load_state_dict(saved["state_dict"])  # strict
-    return scope["enc"].eval()
+def run_pasted(code, monkeypatch):
+    """The printed lines, run as a user pastes them: a fresh namespace with torch and nn only, moco.py and dim.py
+    not importable."""
+    scope = {"torch": torch, "nn": nn}
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "moco", None)  # `import moco` would raise ImportError
+        m.setitem(sys.modules, "dim", None)
+        exec(code, scope)
+    return scope["net"]
+
+
+def exported(out, capsys):
+    """OUT and its sidecar -> (the state dict, the sidecar), checked to be the plain formats the docstring says."""
+    state = torch.load(out, weights_only=True)
+    assert type(state) is dict and all(type(k) is str and type(v) is torch.Tensor for k, v in state.items())
+    with open(out + ".json") as f:
+        info = json.load(f)
+    assert set(info) == {"weights", "arch", "stem", "features", "image_size", "source", "layout", "layer", "taps",
+                         "code", "torch", "torchvision"}
+    assert info["weights"] == os.path.basename(out) and info["code"] in capsys.readouterr().out
+    imports = {line for line in info["code"].splitlines() if line.startswith(("import", "from"))}
+    assert imports <= {"import torch", "import torch, torchvision", "from torch import nn"}, imports
+    return state, info
 
 
 def same(a, b):
@@ -103,7 +122,7 @@ def same(a, b):
 # torchvision
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("source", ["moco-imagenet-mlp", "moco-cifar", "official", "dim-resnet18"])
-def test_torchvision_round_trip(tmp_path, capsys, source):
+def test_torchvision_round_trip(tmp_path, capsys, monkeypatch, source):
     src, out = tmp_path / "ckpt.pt", str(tmp_path / "backbone.pth")
     stem = "cifar" if source in ("moco-cifar", "dim-resnet18") else "imagenet"
     x = torch.randn(3, 3, 32 if stem == "cifar" else 64, 32 if stem == "cifar" else 64)
@@ -115,38 +134,54 @@ def test_torchvision_round_trip(tmp_path, capsys, source):
         tap = dim.encoder_for_eval(dim_ckpt(src), "conv")
         ref = lambda im: tap(im).mean((2, 3))  # noqa: E731
     convert.main([str(src), out])
-    saved = torch.load(out, weights_only=True)  # a plain dict of tensors and strings
-    assert (saved["arch"], saved["stem"]) == ("resnet18", stem)
-    assert not any(k.startswith("fc.") for k in saved["state_dict"])
-    assert saved["build"] in capsys.readouterr().out
-    net = torchvision_resnet18(stem)
-    net.load_state_dict(saved["state_dict"], strict=True)
+    state, info = exported(out, capsys)
+    assert (info["arch"], info["stem"], info["features"], info["taps"]) == ("resnet18", stem, 512, None)
+    assert info["layout"] == source.split("-")[0] and info["source"] == str(src)
+    assert not any(k.startswith("fc.") for k in state)
+    net = torchvision_resnet18(stem)  # the docstring's line, by hand
+    net.load_state_dict(torch.load(out), strict=True)
     with torch.no_grad():
         want = ref(x)
         same(net.eval()(x), want)
-        same(from_build(saved)(x), want)
+        same(run_pasted(info["code"], monkeypatch)(x), want)
 
 
-@pytest.mark.parametrize("source", ["moco", "dim"])
-def test_basic32_round_trip(tmp_path, capsys, source):
+@pytest.mark.parametrize("source", ["moco-basic32", "dim-basic32", "dim-alex64"])
+def test_plain_pytorch_round_trip(tmp_path, capsys, monkeypatch, source):
+    """Encoders torchvision lacks: the printed nn.Sequential of standard layers loads OUT strictly and gives the
+    features of the encoder in the checkpoint (dim.py's: each tap)."""
+    algo, arch = source.split("-")
     src, out = tmp_path / "ckpt.pt", str(tmp_path / "enc.pt")
-    x = torch.randn(4, 3, 32, 32)
-    if source == "moco":
+    size = 64 if arch == "alex64" else 32
+    x = torch.randn(4, 3, size, size)
+    if algo == "moco":
         ref = moco_ckpt(src, arch="basic32", stem="cifar", mlp=False)  # Basic32 with fc = Identity: 1024 features
     else:
-        taps = {t: dim.encoder_for_eval(dim_ckpt(src, "basic32"), t) for t in ("conv", "fc", "y")}
+        enc = dim.encoder_for_eval(dim_ckpt(src, arch, image_size=size), "y").encoder  # eval(), as dim.py evaluates
     convert.main([str(src), out])
-    saved = torch.load(out, weights_only=True)
-    assert saved["build"] in capsys.readouterr().out
-    enc = from_build(saved)
+    state, info = exported(out, capsys)
+    net = run_pasted(info["code"], monkeypatch)
+    assert all(type(m).__module__.startswith("torch.nn.") for m in net.modules())  # standard layers only
     with torch.no_grad():
-        if source == "moco":
-            assert saved["build"].startswith("import torch, moco;")
-            same(enc(x), ref(x))
+        if algo == "moco":
+            assert (info["arch"], info["features"], info["taps"]) == ("basic32", 1024, None)
+            same(net(x), ref(x))
         else:
-            assert saved["build"] == "import dim; enc = dim.build_encoder('basic32', 32, 64)"
-            for t, tap in taps.items():
-                same(enc(x, t)[t], tap(x))
+            assert (info["arch"], info["features"], info["image_size"]) == (arch, 64, size)
+            stages = {"local": net[:1], "conv": net[:2], "fc": net[:3], "y": net}
+            assert {t: v["module"] for t, v in info["taps"].items()} == {
+                "local": "net[:1]", "conv": "net[:2]", "fc": "net[:3]", "y": "net"}
+            for t, stage in stages.items():
+                assert list(stage(x).shape[1:]) == info["taps"][t]["shape"]
+            for t, want in enc(x).items():  # {tap: features}
+                same(stages[t](x), want)
+
+
+def test_plain_code_of_other_layers():
+    assert convert.layer_code(nn.Conv2d(3, 8, 5, 1, 2)) == "nn.Conv2d(3, 8, 5, 1, 2)"
+    for m in (nn.GELU(), nn.Conv2d(3, 8, 3, groups=1, dilation=2), nn.BatchNorm2d(8, eps=1e-3)):
+        with pytest.raises(convert.UserError, match="cannot write"):
+            convert.layer_code(m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,6 +278,9 @@ def make_bad(tmp_path, case):
     if case == "wrong-arch":  # resnet18 weights that say resnet50
         official_ckpt(p, arch="resnet50")
         return p, "out.pth", [], "does not hold a resnet50"
+    if case == "unknown-resnet":
+        official_ckpt(p, arch="resnet1000")
+        return p, "out.pth", [], "no such model"
     if case == "basic32-to-d2":
         moco_ckpt(p, arch="basic32", stem="cifar", mlp=False)
         return p, "out.pkl", [], "ImageNet stem"
@@ -259,7 +297,8 @@ def make_bad(tmp_path, case):
     return p, os.path.join("no_such_folder", "out.pth"), [], "cannot write"
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "not-torch", "foreign", "wrong-arch", "basic32-to-d2",
+@pytest.mark.parametrize("case", ["missing", "truncated", "not-torch", "foreign", "wrong-arch", "unknown-resnet",
+                                  "basic32-to-d2",
                                   "cifar-to-d2", "dim-to-moco", "no-extension", "unwritable"])
 def test_user_errors(tmp_path, capsys, case):
     src, out, extra, word = make_bad(tmp_path, case)
@@ -277,6 +316,7 @@ def test_failed_write_keeps_old_out(tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "ckpt.pt", tmp_path / "backbone.pth"
     official_ckpt(src)
     out.write_bytes(b"old")
+    (tmp_path / "backbone.pth.json").write_bytes(b"old sidecar")
 
     def full_disk(obj, f):
         f.write(b"half a file")
@@ -285,7 +325,8 @@ def test_failed_write_keeps_old_out(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         convert.main([str(src), str(out)])
     assert "No space left" in capsys.readouterr().err
-    assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["backbone.pth", "ckpt.pt"]
+    assert out.read_bytes() == b"old" and (tmp_path / "backbone.pth.json").read_bytes() == b"old sidecar"
+    assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "backbone.pth.json", "ckpt.pt"]
 
 
 def test_command_line(tmp_path):
