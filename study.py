@@ -1,43 +1,57 @@
-"""The comparison study: Deep InfoMax and MoCo side by side on Fashion-MNIST, one protocol, one command.
+"""Deep InfoMax and MoCo side by side on Fashion-MNIST, and the two papers' ablations: one command each.
 
-Methods, all with DIM's 32x32 encoder (basic32) and the same pretraining time per run: DIM(L) with the JSD and
-with the infoNCE estimator, DIM(G) (Hjelm et al. 2019, arXiv 1808.06670v5, Eq. 8), and MoCo v2 (Chen et al. 2020,
-arXiv 2003.04297v1) with the queue and the augmentation chosen for 28x28 greyscale images (see METHODS). The
-baselines run in the same job: logistic regression on the raw pixels, the same encoder at random init, and the
-same encoder trained with labels. Every run is moco.py or dim.py itself (called in-process with the flags
-printed in the log), on the 60,000 training images; the probes are eval_linear.py's, on frozen features of the
-10,000 test images: linear probe (standardised features, SGD), the DIM paper's MLP probe, and kNN (k=200).
+The comparison (--experiment compare), all with DIM's 32x32 encoder (basic32) and the same pretraining time per
+run: DIM(L) with the JSD and with the infoNCE estimator, DIM(G) (Hjelm et al. 2019, arXiv 1808.06670v5, Eq. 8),
+and MoCo v2 (Chen et al. 2020, arXiv 2003.04297v1) with the queue and the augmentation chosen for 28x28 greyscale
+images (see METHODS). The baselines run in the same job: logistic regression on the raw pixels, the same encoder
+at random init, and the same encoder trained with labels. Every run is moco.py or dim.py itself (called
+in-process with the flags printed in the log), on the 60,000 training images; the probes are eval_linear.py's,
+on frozen features of the 10,000 test images: linear probe (standardised features, SGD), the DIM paper's MLP
+probe, and kNN (k=200).
 
 The pretraining budget is time, not steps: each method's step time is measured first, and every seed of a
 method then runs the same number of steps. A snapshot at half the budget and the encoder at random init (time 0)
-give the curve of the plot.
+give the curve of the plot. Headline (README.md, "The comparison study": a 2-core CPU, 3 seeds, 124-137 s of
+pretraining per run): linear probe on the conv tap, test top-1 %, MoCo v2 89.58 ± 0.17, DIM(L) JSD 88.56 ± 0.48,
+random init 87.77 ± 0.15.
 
-Results (README.md, "The comparison study"): `python study.py` on a 2-core CPU, 2026-11-30, 1 h 06 min in all, 3
-seeds, 120 s of pretraining per run; linear probe, test top-1: raw pixels 83.93 ± 0.16, random init 87.77 ± 0.15
-(conv), DIM(L) JSD 88.56 ± 0.48 (conv), DIM(L) infoNCE 88.53 ± 0.10 (conv), DIM(G) 88.67 ± 0.34 (conv), MoCo v2
-89.58 ± 0.17 (conv) and 88.31 ± 0.21 (backbone), supervised 89.56 ± 0.11 (conv).
+The ablations, the same recipes with one thing changed, 3 seeds, a budget of --epochs (MoCo) or --dim-epochs
+(DIM) x 60,000 images per run:
+- MoCo's (He et al. 2020, arXiv 1911.05722v3, Sec. 3.2-4.1, Fig. 3, Appendix A.9; ABLATIONS): mechanisms
+  (end-to-end, memory bank and MoCo against K), momentum (m from 0 to 0.9999 at K 4096) and shuffle-bn (on/off,
+  kNN over training and the pretext top-1); README.md, "MoCo's mechanisms and ablations".
+- DIM's (Hjelm et al. 2019, Sec. 3.1, 4.3, Tables 1 and 3; DIM_ABLATIONS): dim-estimators (JSD, infoNCE, DV
+  against the batch, which sets the number of negatives) and dim-prior (prior matching, DIM(G) against DIM(L));
+  README.md, "DIM's claims".
+Under an image budget a bigger batch takes fewer steps. --per-run steps gives every run of mechanisms and
+dim-estimators the same number of optimisation steps instead (--run-steps; by default the count the reference
+batch, 256 or 64, gets from the image budget), so that end-to-end's K (its batch) and DIM's negatives (the other
+images of the batch) change only the batch. A run whose count is the image budget's keeps its name and its
+results; every other run is named NAME-sSTEPS.
 
-MoCo's ablations (He et al. 2020, arXiv 1911.05722v3, Sec. 3.2-4.1, Fig. 3, Appendix A.9), one command each, 3
-seeds, the same MoCo v2 recipe with one thing changed, a budget of --epochs x 60,000 images per run (ABLATIONS):
-mechanisms (end-to-end, memory bank and MoCo against K), momentum (m from 0 to 0.9999 at K 4096) and shuffle-bn
-(on/off, kNN over training and the pretext top-1). Results: README.md, "MoCo's mechanisms and ablations".
-
-Commands
-    python study.py                                      # 66 min on a 2-core CPU: 120 s per run, 3 seeds
-    python study.py --steps dimL-jsd=654,dimL-nce=576,dimG=491,moco=172,supervised=281   # the README's counts
-    python study.py --experiment mechanisms              # or momentum, shuffle-bn: runs/moco-ablations
-    python study.py --budget 600 --device cuda           # longer runs on a GPU
-    python study.py --budget 20 --seeds 1 --out /tmp/s   # a smoke run of the whole pipeline
-Data: --data is a folder with the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), as Debian's
-dataset-fashion-mnist installs them or torchvision's FashionMNIST/raw folder holds them.
+Commands (DIR: the four Fashion-MNIST IDX files, train-images-idx3-ubyte.gz ..., or a folder for torchvision's
+FashionMNIST, which --download fills)
+    python study.py --data DIR                            # the comparison: 66 min on a 2-core CPU, 3 seeds
+    python study.py --data DIR --steps dimL-jsd=654,dimL-nce=576,dimG=491,moco=172,supervised=281  # README's counts
+    python study.py --data DIR --budget 600 --device cuda          # longer runs on a GPU
+    python study.py --data DIR --budget 20 --seeds 1 --out /tmp/s  # a smoke run of the whole pipeline
+    python study.py --data DIR --experiment mechanisms             # or momentum, shuffle-bn
+    python study.py --data DIR --experiment mechanisms --per-run steps --run-steps 116   # 116 steps per run
+    python study.py --data DIR --experiment dim-estimators         # or dim-prior
+    python study.py --data DIR --experiment dim-estimators --per-run steps               # 234 steps per run
+Results, in --out (runs/study, runs/moco-ablations, runs/dim-ablations): every probe's row in results.jsonl (a
+second call resumes from it and runs only what is missing), the tables and plots in results.md / results.png
+(compare), results-EXPERIMENT.md / .png (an ablation) and results-EXPERIMENT-steps.md / .png (--per-run steps).
 """
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -54,9 +68,12 @@ SCRIPTS = {"moco": moco, "dim": dim}
 
 @dataclass
 class Args:
-    data: str = arg("../shared/data/fashion-mnist", "folder with the four Fashion-MNIST IDX files (.gz)")
+    data: str = arg("", "the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), or a folder for "
+                        "torchvision's FashionMNIST (with --download)")
+    download: bool = arg(False, "let torchvision download FashionMNIST into --data")
     out: str = arg("", "output folder: runs, results.jsonl, results.md, results.png (default runs/study; "
-                       "runs/moco-ablations for the three MoCo experiments, which share their runs)")
+                       "runs/moco-ablations for the three MoCo experiments, which share their runs; "
+                       "runs/dim-ablations for DIM's two)")
     seeds: int = arg(3, "seeds per method")
     methods: str = arg("dimL-jsd,dimL-nce,dimG,moco,supervised", "comma-separated subset of METHODS")
     budget: float = arg(120.0, "pretraining seconds per run (each method, each seed); steps are calibrated")
@@ -75,6 +92,12 @@ class Args:
     dim_epochs: float = arg(0.25, "dim-estimators, dim-prior: pretraining epochs per run (a budget of images)")
     epochs: float = arg(2.0, "mechanisms, momentum, shuffle-bn: pretraining epochs per run (a budget of images, so "
                              "no calibration); the memory bank needs 2: its positives are written at a visit")
+    per_run: str = arg("images", "mechanisms, dim-estimators: what every run gets the same of: images (--epochs, "
+                                 "--dim-epochs; a bigger batch takes fewer steps) or steps (--run-steps; a bigger "
+                                 "batch sees more images; a run with as many steps under --epochs / --dim-epochs is "
+                                 "that run, results reused); results-EXPERIMENT-steps.md", ("images", "steps"))
+    run_steps: int = arg(0, "--per-run steps: optimisation steps per run; 0 = the steps the reference batch (256 for "
+                            "mechanisms, 64 for dim-estimators) gets from --epochs / --dim-epochs")
 
 
 # Each method: (script, flags on top of the script's presets, layers probed, the layer of the MLP probe). The
@@ -98,21 +121,47 @@ LABELS = {"dimL-jsd": "DIM(L) JSD", "dimL-nce": "DIM(L) infoNCE", "dimG": "DIM(G
 SNAPSHOTS = (0.5, 1.0)  # fractions of the budget evaluated for the curve; time 0 = random init
 ABLATIONS = ("mechanisms", "momentum", "shuffle-bn")  # MoCo's experiments, run_ablations()
 DIM_ABLATIONS = ("dim-estimators", "dim-prior")  # DIM's, run_dim_ablations()
+STEP_BUDGET = {"mechanisms": 256, "dim-estimators": 64}  # --per-run steps: each one's reference batch (the presets')
 
 
 def parse_args(argv=None):
-    """moco.py's parser (one line per error) with this file's Args, then the checks of their values."""
-    args = moco.parse_args(argv, Args, {})[0]
+    """moco.py's parser (one line per error) with this file's Args, then the checks of their values. args.given:
+    the flags given (name -> value), from which the results print the command that reruns the call."""
+    args, given = moco.parse_args(argv, Args, {})
+    if not args.data:
+        raise UserError("give --data FOLDER: the four Fashion-MNIST IDX files, or a folder for torchvision's "
+                        "FashionMNIST with --download")
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         raise UserError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.seeds < 1 or args.budget <= 0 or args.epochs <= 0 or args.dim_epochs <= 0:
         raise UserError("--seeds must be >= 1, --budget, --epochs and --dim-epochs > 0")
+    if args.per_run == "steps" and args.experiment not in STEP_BUDGET:
+        raise UserError(f"--per-run steps: for --experiment {' or '.join(STEP_BUDGET)}; " + (
+            "compare's budget is time (--budget, --steps)" if args.experiment == "compare" else
+            f"the runs of {args.experiment} share one batch size, so its image budget is a step budget"))
+    if args.run_steps < 0 or args.run_steps and args.per_run != "steps":
+        raise UserError(f"--run-steps {args.run_steps}: give N >= 1 steps per run with --per-run steps "
+                        "(0 = automatic)")
     given_steps(args)
     ks(args)
     args.out = args.out or {"compare": "runs/study", **dict.fromkeys(DIM_ABLATIONS, "runs/dim-ablations")}.get(
         args.experiment, "runs/moco-ablations")
+    args.given = given
     return args
+
+
+def command(args, **flags):
+    """-> `python study.py ...` with the flags given to this call (args.given), `flags` replacing or adding some: the
+    command that reruns the call when pasted."""
+    words = []
+    for name, value in {**args.given, **flags}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:  # a float as typed where it can be: 30.0 -> 30
+            words += [flag, str(value).removesuffix(".0") if isinstance(value, float) else str(value)]
+    return shlex.join(["python", "study.py", *words])
 
 
 def given_steps(args):
@@ -129,9 +178,14 @@ def given_steps(args):
 # ----------------------------------------------------------------------------------------------------
 # Data: the images as eval_linear.py shows them to the encoder (resize 28 -> 32 by PIL, normalise)
 # ----------------------------------------------------------------------------------------------------
+def fashion_mnist(args):
+    """-> moco.py's data arguments of --data: the four IDX files in it, or torchvision's FashionMNIST (--download)."""
+    return moco.Args(data=args.data, dataset="fashionmnist", download=args.download)
+
+
 def eval_views(args):
     """-> {split: (images [N, 1, 32, 32] float, normalised; labels [N]; raw pixels [N, 784] in [0, 1])}."""
-    train, test, stats = moco.load_data(moco.Args(data=args.data, dataset="fashionmnist"))
+    train, test, stats = moco.load_data(fashion_mnist(args))
     tf = moco.test_transform(32, stats)
     out = {}
     for name, ds in (("train", train), ("test", test)):
@@ -145,11 +199,16 @@ def eval_views(args):
 # Pretraining: moco.py and dim.py in-process, snapshots by resuming; supervised training for the upper bound
 # ----------------------------------------------------------------------------------------------------
 def script_argv(method, args, seed, out, steps, total, n_train):
-    """The flags of one run: `steps` of a run whose schedule is laid out for `total` steps."""
+    """The flags of one run of the comparison: `steps` of a run whose schedule is laid out for `total` steps."""
     per_epoch = n_train // (256 if METHODS[method][0] == "moco" else 64)  # the presets' batch sizes
-    return COMMON + METHODS[method][1] + ["--data", args.data, "--out", out, "--seed", str(seed), "--device",
-                                          args.device, "--max-steps", str(steps), "--epochs",
-                                          str(math.ceil(total / per_epoch)), "--resume", "auto"]
+    return run_argv(METHODS[method][1], args, out, seed, steps, total, per_epoch)
+
+
+def run_argv(flags, args, out, seed, steps, total, per_epoch):
+    """The flags of one run: `steps` of a run of `total` steps, resumed from OUT if it has a checkpoint."""
+    return COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device", args.device,
+                             "--max-steps", str(steps), "--epochs", str(math.ceil(total / per_epoch)), "--resume",
+                             "auto"] + (["--download"] if args.download else [])
 
 
 def run_script(script, argv, name):
@@ -173,8 +232,7 @@ def supervised(args, seed, out, steps, device):
     SGD lr 0.1 (momentum 0.9, weight decay 5e-4, cosine over the steps), batch 256, random resized crops
     (scale 0.5-1) and flips drawn by gpu_aug.py's BatchAugment. -> (seconds, steps); saves OUT/encoder.pt."""
     torch.manual_seed(seed)
-    data = moco.Args(data=args.data, dataset="fashionmnist")
-    train_set, _, stats = moco.load_data(data)
+    train_set, _, stats = moco.load_data(fashion_mnist(args))
     images = gpu_aug.device_images(train_set, device)  # uint8 (N, 3, 28, 28)
     labels = torch.tensor(train_set.targets, device=device)  # (N,)
     augment = gpu_aug.BatchAugment(32, (0.5, 1.0), (0, 0, 0, 0), 0.0, 0.0, 0.0, (), moco.MEAN_STD[stats])
@@ -284,7 +342,7 @@ def ndm(y_train, y_test, seed, epochs=20, batch=256, lr=1e-3):
     The critic (D -> 1000 -> 200 -> 1, ReLU, the prior discriminator's shape; the paper does not give NDM's) is
     trained on the training images' Y, standardised (KL is invariant to it), and evaluated on the test images'.
     It is trained with the logistic loss, whose optimum T = log p/q makes Eq. (2) exact: trained on the DV bound
-    itself, the held-out estimate grew without limit with the epochs (Y of a random basic32 on the built-in data:
+    itself, the held-out estimate grows without limit with the epochs (Y of a random basic32 on the built-in data:
     18, 174, 8635 nats after 1, 5, 20 epochs; with the logistic loss 8.6, 15.0, 18.3)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -347,8 +405,9 @@ def setup(args):
     """Checks --data, makes --out, sets the threads -> the device every experiment runs on."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such folder (it needs the four Fashion-MNIST IDX files)")
+    if not os.path.isdir(args.data) and not args.download:
+        raise UserError(f"--data {args.data}: no such folder (give the four Fashion-MNIST IDX files' folder, or add "
+                        "--download)")
     os.makedirs(args.out, exist_ok=True)
     return torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
                         else "cpu")
@@ -437,8 +496,8 @@ def plan_steps(method, args, device, n_train):
     os.makedirs(work, exist_ok=True)
     with open(plan, "w") as f:
         json.dump([sec, steps], f)
-    print(f"{method}: " + (f"{sec:.3f} s per step -> " if sec else "given ") + f"{steps} steps for "
-          f"{args.budget:.0f} s", flush=True)
+    print(f"{method}: " + (f"{sec:.3f} s per step (measured) -> {steps} steps for --budget {args.budget:g} s" if sec
+                           else f"given {steps} steps"), flush=True)
     return steps
 
 
@@ -462,6 +521,21 @@ def mean_std(v):
     return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
 
 
+def cell(v, digits=2):
+    """A table cell: mean ± std of the values; one value alone (no std of one seed); nothing for none."""
+    if len(v) < 2:
+        return "".join(f"{x:.{digits}f}" for x in v)
+    return "%.*f ± %.*f" % (digits, mean_std(v)[0], digits, mean_std(v)[1])
+
+
+def margin(mine, rand):
+    """The linear probe's gain over the random-init encoder, in units of the larger std where both have a std."""
+    (m1, s1), (m0, s0) = mean_std(mine), mean_std(rand)
+    if min(len(mine), len(rand)) < 2 or max(s1, s0) == 0:
+        return f"{m1 - m0:+.2f}"
+    return f"{m1 - m0:+.2f} ({(m1 - m0) / max(s1, s0):+.1f} std)"
+
+
 def report(rows, args, seconds):
     """The Markdown table: one row per (method, layer); mean ± std over seeds of each probe's top-1, and the
     linear probe's margin over the random-init encoder's same layer (moco.py's backbone = dim.py's fc tap)."""
@@ -470,30 +544,29 @@ def report(rows, args, seconds):
 
     def top1(method, layer, kind):
         return [r["top1"] for r in final if (r["method"], r["layer"], r["probe"]) == (method, layer, kind)]
-    lines = [f"Fashion-MNIST test top-1 % (mean ± std over {args.seeds} seeds), pretraining {args.budget:.0f} s per "
-             "run; probes trained on the frozen features of all 60,000 training images (curve probe: the first "
+    seeds = len({r["seed"] for r in final})
+    took = sorted({f"{r['time_s']:.0f}" for r in final if r["method"] in METHODS}, key=float)  # measured
+    lines = [f"Fashion-MNIST test top-1 % ({f'mean ± std over {seeds} seeds' if seeds > 1 else 'one seed'})"
+             + (f", pretraining {'-'.join(dict.fromkeys([took[0], took[-1]]))} s per run (measured)" if took else "")
+             + "; probes trained on the frozen features of all 60,000 training images (curve probe: the first "
              f"{SUBSET:,})", "",
              "| method | layer | linear | MLP | kNN | curve probe | linear vs random init | pretraining s | steps |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method in order:
         for layer in dict.fromkeys(r["layer"] for r in final if r["method"] == method):
-            cells = ["%.2f ± %.2f" % mean_std(v) if v else "" for v in
-                     (top1(method, layer, kind) for kind in ("linear", "mlp", "knn", "curve"))]
-            margin, mine = "", top1(method, layer, "linear")
-            rand = top1("random", {"backbone": "fc"}.get(layer, layer), "linear")
-            if method not in ("pixels", "random") and mine and rand:
-                (m1, s1), (m0, s0) = mean_std(mine), mean_std(rand)
-                margin = f"{m1 - m0:+.2f} ({(m1 - m0) / max(s1, s0, 1e-9):+.1f} std)"
+            cells = [cell(top1(method, layer, kind)) for kind in ("linear", "mlp", "knn", "curve")]
+            mine, rand = top1(method, layer, "linear"), top1("random", {"backbone": "fc"}.get(layer, layer), "linear")
+            gain = margin(mine, rand) if method not in ("pixels", "random") and mine and rand else ""
             own = [r for r in final if (r["method"], r["layer"], r["probe"]) == (method, layer, "linear")]
-            lines.append(f"| {LABELS[method]} | {layer} | " + " | ".join(cells) + f" | {margin} | "
+            lines.append(f"| {LABELS[method]} | {layer} | " + " | ".join(cells) + f" | {gain} | "
                          f"{sum(r['time_s'] for r in own) / len(own):.0f} | {own[0]['steps']} |")
     steps = {}
     for r in final:
         if r["method"] in METHODS:
             steps.setdefault(r["method"], r["steps"])
-    lines += ["", f"total run time {moco.fmt_time(seconds)}; `python study.py {' '.join(sys.argv[1:])}`".rstrip(),
-              "", "rerun these step counts exactly: `python study.py --steps "
-              + ",".join(f"{m}={n}" for m, n in steps.items()) + "`"]
+    counts = ",".join(f"{m}={n}" for m, n in steps.items())
+    lines += ["", f"total run time {moco.fmt_time(seconds)}; `{command(args)}`", "",
+              f"rerun these step counts exactly: `{command(args, steps=counts)}`"]
     return write_text(args, "results.md", lines)
 
 
@@ -536,9 +609,10 @@ def plot(rows, path):
 # run sees --epochs x 60,000 images, as the paper trains every mechanism for the same 200 epochs; end-to-end's K
 # is its batch, so its large K take fewer, larger steps, with the lr scaled linearly (0.03 B / 256, Sec. 4.1)
 # and the same 4 batch-norm groups (the paper's 8 GPUs at any batch). Its K stops at 4096: at 16,384 two epochs
-# are 6 steps (the paper's end-to-end stops at 1024, the memory of its 8 GPUs).
+# are 6 steps (the paper's end-to-end stops at 1024, the memory of its 8 GPUs). --per-run steps gives every run
+# the same steps instead (planned_runs), so that end-to-end's K changes its batch and nothing else.
 MOMENTA = (0.0, 0.9, 0.99, 0.999, 0.9999)
-PAPER = {  # IN-1M linear top-1 %, ResNet-50, 200 epochs (../shared/reference/mechanisms.md)
+PAPER = {  # IN-1M linear top-1 %, ResNet-50, 200 epochs: He et al. 2020 (arXiv 1911.05722v3), Fig. 3 and Sec. 4.1
     "mechanisms": {"end-to-end": {256: 54.9, 1024: 57.3}, "memory-bank": {256: 50.0, 1024: 54.1, 4096: 56.5,
                                                                           16384: 57.8},
                    "moco": {256: 54.7, 1024: 57.5, 4096: 59.0, 16384: 60.4}},
@@ -565,9 +639,8 @@ def ks(args):
         raise UserError(f"--ks {args.ks!r}: expected sizes separated by commas, e.g. 256,1024")
 
 
-def ablation_runs(args, experiment=None):
-    """-> [(column value, run name, flags, batch)] of one experiment (default: args.experiment)."""
-    experiment = experiment or args.experiment
+def ablation_runs(args, experiment):
+    """-> [(column value, run name, flags, batch)] of one of MoCo's experiments."""
     if experiment == "mechanisms":
         return [((mech, K), *ablation_run(mech, K)) for mech in ("end-to-end", "memory-bank", "moco")
                 for K in ks(args) if not (mech == "end-to-end" and K > 4096)]
@@ -576,6 +649,80 @@ def ablation_runs(args, experiment=None):
     return [(sh, *ablation_run(shuffle=sh)) for sh in ("on", "off")]
 
 
+# --- the budget of an ablation's run: images (--epochs, --dim-epochs) or steps (--per-run steps) ---
+class Planned(NamedTuple):
+    """One run of an ablation with its budget: `steps` optimisation steps of `batch` images."""
+    col: object  # its place in the table: (mechanism, K), m, shuffle-BN, (estimator, batch) or (model, prior)
+    name: str  # its folder in --out and its rows' "run" in results.jsonl
+    flags: list  # moco.py's or dim.py's flags on top of COMMON
+    batch: int
+    steps: int
+
+
+def image_steps(epochs, n_train, batch):
+    """The steps of a budget of `epochs` x n_train images at `batch` (an epoch: n_train // batch full batches)."""
+    return max(1, round(epochs * (n_train // batch)))
+
+
+def epochs_of(experiment, args):
+    return args.dim_epochs if experiment in DIM_ABLATIONS else args.epochs
+
+
+def budget_steps(args, n_train):
+    """--per-run steps: --run-steps, or (0) the steps the experiment's reference batch gets from its image budget."""
+    return args.run_steps or image_steps(epochs_of(args.experiment, args), n_train, STEP_BUDGET[args.experiment])
+
+
+def planned_runs(args, n_train, experiment=None):
+    """-> [Planned] of one experiment (default: args.experiment). The image budget gives every run --epochs (DIM:
+    --dim-epochs) x n_train images; --per-run steps gives every run budget_steps(), and a run whose count is not
+    its image budget's is named NAME-sSTEPS: it never resumes a checkpoint of another schedule (moco.py's cosine
+    runs over --epochs), while the others are the image budget's runs, results included."""
+    experiment = experiment or args.experiment
+    runs = dim_runs(experiment) if experiment in DIM_ABLATIONS else ablation_runs(args, experiment)
+    planned = []
+    for col, name, flags, batch in runs:
+        steps = image_steps(epochs_of(experiment, args), n_train, batch)
+        if args.per_run == "steps" and experiment == args.experiment and budget_steps(args, n_train) != steps:
+            name, steps = f"{name}-s{budget_steps(args, n_train)}", budget_steps(args, n_train)
+        planned.append(Planned(col, name, flags, batch, steps))
+    return planned
+
+
+def planned_argv(run, args, seed, n_train, frac=1.0):
+    """-> (the run folder of seed `seed`, the flags that train it to `frac` of its steps, resuming the folder)."""
+    out = os.path.join(args.out, run.name, f"seed{seed}")
+    return out, run_argv(run.flags, args, out, seed, max(1, round(frac * run.steps)), run.steps, n_train // run.batch)
+
+
+def stem(args, kind="results"):
+    """-> KIND-EXPERIMENT, -steps added under --per-run steps: the names of an experiment's table, plot and clock."""
+    return f"{kind}-{args.experiment}" + ("-steps" if args.per_run == "steps" else "")
+
+
+def budget(args, n_train):
+    """-> the captions' budget per run: 'E epochs' (of images) or 'N steps' (--per-run steps)."""
+    if args.per_run == "steps":
+        return f"{budget_steps(args, n_train)} steps"
+    return f"{epochs_of(args.experiment, args):g} epochs"
+
+
+def images_seen(args, n_train, run=None):
+    """--per-run steps: the runs' tables' column of the images a run sees, steps x batch, and in epochs of the
+    n_train images (run None: its header); the image budget: no column."""
+    if args.per_run != "steps":
+        return ""
+    if run is None:
+        return " images seen (epochs) |"
+    return f" {run.steps * run.batch:,} ({run.steps * run.batch / n_train:.2f}) |"
+
+
+def rule(head):
+    """The Markdown rule under a table's header row."""
+    return "|" + "---|" * (head.count("|") - 1)
+
+
+# --- MoCo's ablations: running and reporting ---
 def pretext_curve(out):
     """-> [(step, pretext top-1 %)] from a run's metrics.jsonl (the logged means over the last --log-every steps)."""
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
@@ -595,37 +742,27 @@ def run_ablations(args):
     rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
     done = {(r["run"], r["seed"], r["frac"]) for r in rows}
     t_start, views = time.perf_counter(), eval_views(args)
-    snapshot_runs = {name for _, name, _, _ in ablation_runs(args, "shuffle-bn")}
-    for _, name, flags, batch in ablation_runs(args):
-        fracs = SNAPSHOT_FRACS if name in snapshot_runs else (1.0,)
-        todo = [(seed, frac) for seed in range(args.seeds) for frac in fracs if (name, seed, frac) not in done]
+    n_train = len(views["train"][1])
+    snapshot_runs = {run.name for run in planned_runs(args, n_train, "shuffle-bn")}
+    for run in planned_runs(args, n_train):
+        fracs = SNAPSHOT_FRACS if run.name in snapshot_runs else (1.0,)
+        todo = [(seed, frac) for seed in range(args.seeds) for frac in fracs if (run.name, seed, frac) not in done]
         for seed, frac in todo:
-            rows += ablation_snapshot(name, flags, batch, seed, frac, args, views, device, log)
-    total_s = add_time(args, f"seconds-{args.experiment}.txt", t_start)
-    text = ablation_report(rows, args, total_s)
+            rows += ablation_snapshot(run, seed, frac, args, views, device, log)
+    total_s = add_time(args, stem(args, "seconds") + ".txt", t_start)
+    text = ablation_report(rows, args, total_s, n_train)
     print(text)
-    ablation_plot(rows, args)
+    ablation_plot(rows, args, n_train)
     return rows
 
 
-def run_argv(flags, args, out, seed, steps, total, per_epoch):
-    """The flags of one run of an ablation: `steps` of a run of `total` steps, resumed from OUT if it has a
-    checkpoint."""
-    return COMMON + flags + ["--data", args.data, "--out", out, "--seed", str(seed), "--device", args.device,
-                             "--max-steps", str(steps), "--epochs", str(math.ceil(total / per_epoch)), "--resume",
-                             "auto"]
-
-
-def ablation_snapshot(name, flags, batch, seed, frac, args, views, device, log):
-    """Trains seed `seed` of run `name` to `frac` of its image budget (resuming its run) -> the recorded rows."""
-    per_epoch = len(views["train"][1]) // batch
-    total = max(1, round(args.epochs * per_epoch))
-    out = os.path.join(args.out, name, f"seed{seed}")
-    time_s, steps = run_script(moco, run_argv(flags, args, out, seed, max(1, round(frac * total)), total, per_epoch),
-                               name)
+def ablation_snapshot(run, seed, frac, args, views, device, log):
+    """Trains seed `seed` of a planned run to `frac` of its steps (resuming its run) -> the recorded rows."""
+    out, argv = planned_argv(run, args, seed, len(views["train"][1]), frac)
+    time_s, steps = run_script(moco, argv, run.name)
     curve, rows = pretext_curve(out), []
     for kind, top1 in evaluate_backbone(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
-        row = dict(run=name, seed=seed, frac=frac, steps=steps, time_s=time_s, layer="backbone", probe=kind,
+        row = dict(run=run.name, seed=seed, frac=frac, steps=steps, time_s=time_s, layer="backbone", probe=kind,
                    top1=top1, pretext_top1=curve[-1][1])
         if frac == 1.0:
             row["pretext_curve"] = curve
@@ -638,71 +775,73 @@ def ablation_cells(rows, name, kind, frac=1.0, key="top1"):
     return [r[key] for r in rows if (r["run"], r["probe"], r["frac"]) == (name, kind, frac)]
 
 
-def cell(v):
-    return "%.2f ± %.2f" % mean_std(v) if v else ""
-
-
-def ablation_report(rows, args, seconds):
-    """results-EXPERIMENT.md: the experiment's table beside the paper's numbers."""
-    runs, KS = ablation_runs(args), ks(args)
+def ablation_report(rows, args, seconds, n_train):
+    """results-EXPERIMENT.md (-steps.md under --per-run steps): the experiment's table beside the paper's numbers."""
+    runs, KS = planned_runs(args, n_train), ks(args)
     lines = [f"Fashion-MNIST test top-1 % of the frozen 1024-d backbone (mean ± std over the seeds run), "
-             f"{args.epochs:g} epochs of pretraining per run; kNN (k=200) / linear probe ({args.probe_epochs} epochs)",
-             ""]
+             f"{budget(args, n_train)} of pretraining per run; kNN (k=200) / linear probe ({args.probe_epochs} "
+             "epochs)", ""]
     if args.experiment == "mechanisms":
         lines += ["| mechanism | probe | " + " | ".join(f"K={K}" for K in KS) + " |",
                   "|---|---|" + "---|" * len(KS)]
         for mech in ("end-to-end", "memory-bank", "moco"):
             for kind in ("knn", "linear"):
-                got = {K: cell(ablation_cells(rows, name, kind)) for (m, K), name, _, _ in runs if m == mech}
+                got = {run.col[1]: cell(ablation_cells(rows, run.name, kind)) for run in runs if run.col[0] == mech}
                 lines.append(f"| {mech} | {kind} | " + " | ".join(got.get(K, "-") for K in KS) + " |")
             paper = PAPER["mechanisms"][mech]
             lines.append(f"| {mech} | paper (IN-1M linear) | " + " | ".join(str(paper.get(K, "-")) for K in KS) + " |")
     elif args.experiment == "momentum":
         lines += ["| probe | " + " | ".join(f"m={m:g}" for m in MOMENTA) + " |", "|---|" + "---|" * len(MOMENTA)]
         for kind in ("knn", "linear"):
-            lines.append(f"| {kind} | " + " | ".join(cell(ablation_cells(rows, name, kind)) for _, name, _, _ in runs)
-                         + " |")
-        lines.append("| final pretext top-1 | " + " | ".join(cell(ablation_cells(rows, name, "knn", key="pretext_top1"))
-                                                          for _, name, _, _ in runs) + " |")
+            lines.append(f"| {kind} | " + " | ".join(cell(ablation_cells(rows, run.name, kind)) for run in runs) + " |")
+        lines.append("| final pretext top-1 | " + " | ".join(
+            cell(ablation_cells(rows, run.name, "knn", key="pretext_top1")) for run in runs) + " |")
         lines.append("| paper (IN-1M linear, K 4096) | " + " | ".join(str(PAPER["momentum"][m]) for m in MOMENTA)
                      + " |")
     else:
         lines += ["| shuffle-BN | " + " | ".join(f"kNN at {f:g}" for f in SNAPSHOT_FRACS) + " | linear | "
                   "pretext top-1 at " + " | pretext top-1 at ".join(f"{f:g}" for f in SNAPSHOT_FRACS) + " |",
                   "|---|" + "---|" * (2 * len(SNAPSHOT_FRACS) + 1)]
-        for sh, name, _, _ in runs:
-            lines.append(f"| {sh} | " + " | ".join(cell(ablation_cells(rows, name, "knn", f)) for f in SNAPSHOT_FRACS)
-                         + f" | {cell(ablation_cells(rows, name, 'linear'))} | " + " | ".join(
-                             cell(ablation_cells(rows, name, "knn", f, "pretext_top1")) for f in SNAPSHOT_FRACS) + " |")
-    lines += ["", "| run | steps | pretraining s per run (mean) | seeds |", "|---|---|---|---|"]
-    for _, name, _, _ in runs:
-        own = [r for r in rows if r["run"] == name and r["frac"] == 1.0 and r["probe"] == "knn"]
+        for run in runs:
+            lines.append(f"| {run.col} | " + " | ".join(cell(ablation_cells(rows, run.name, "knn", f))
+                                                       for f in SNAPSHOT_FRACS)
+                         + f" | {cell(ablation_cells(rows, run.name, 'linear'))} | " + " | ".join(
+                             cell(ablation_cells(rows, run.name, "knn", f, "pretext_top1")) for f in SNAPSHOT_FRACS)
+                         + " |")
+    head = "| run | steps |" + images_seen(args, n_train) + " pretraining s per run (mean) | seeds |"
+    lines += ["", head, rule(head)]
+    for run in runs:
+        own = [r for r in rows if r["run"] == run.name and r["frac"] == 1.0 and r["probe"] == "knn"]
         if own:
-            lines.append(f"| {name} | {own[0]['steps']} | {sum(r['time_s'] for r in own) / len(own):.0f} | "
-                         f"{len(own)} |")
-    lines += ["", f"run time of this experiment's calls {moco.fmt_time(seconds)}; "
-              f"`python study.py {' '.join(sys.argv[1:])}`".rstrip()]
-    return write_text(args, f"results-{args.experiment}.md", lines)
+            lines.append(f"| {run.name} | {own[0]['steps']} |" + images_seen(args, n_train, run)
+                         + f" {sum(r['time_s'] for r in own) / len(own):.0f} | {len(own)} |")
+    lines += ["", f"run time of this experiment's calls {moco.fmt_time(seconds)}; `{command(args)}`"]
+    return write_text(args, stem(args) + ".md", lines)
 
 
-def ablation_plot(rows, args):
-    """results-EXPERIMENT.png (needs matplotlib)."""
+def errorbars(ax, pts, **kw):
+    """pts [(x, values over the seeds)] -> the mean ± std of each x as one line of points."""
+    stats = [mean_std(v) for _, v in pts]
+    ax.errorbar([x for x, _ in pts], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, **kw)
+
+
+def ablation_plot(rows, args, n_train):
+    """results-EXPERIMENT.png (-steps.png under --per-run steps; needs matplotlib)."""
     plt = pyplot()
     if plt is None:
         return
-    runs = ablation_runs(args)
+    runs = planned_runs(args, n_train)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if args.experiment in ("mechanisms", "momentum"):
         groups = {}  # line -> [(x, run name)]; momentum: x = the position of m (0 and 0.9999 on one axis)
-        for i, (col, name, _, _) in enumerate(runs):
-            mech, x = col if args.experiment == "mechanisms" else ("moco (K 4096)", i)
-            groups.setdefault(mech, []).append((x, name))
+        for i, run in enumerate(runs):
+            mech, x = run.col if args.experiment == "mechanisms" else ("moco (K 4096)", i)
+            groups.setdefault(mech, []).append((x, run.name))
         for ax, kind in zip(axes, ("knn", "linear")):
             for mech, pts in groups.items():
-                pts = [(x, mean_std(v)) for x, name in pts if (v := ablation_cells(rows, name, kind))]
+                pts = [(x, v) for x, name in pts if (v := ablation_cells(rows, name, kind))]
                 if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
-                                capsize=3, label=mech)
+                    errorbars(ax, pts, label=mech)
             if args.experiment == "mechanisms":
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("K (negatives; end-to-end: the batch)")
@@ -710,29 +849,33 @@ def ablation_plot(rows, args):
                 ax.set_xticks(range(len(MOMENTA)), [f"{m:g}" for m in MOMENTA])
                 ax.set_xlabel("momentum m")
             ax.set_ylabel(f"test top-1 % ({kind}, backbone)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
     else:
-        for sh, name, _, _ in runs:
-            pts = [(mean_std(ablation_cells(rows, name, "knn", f, "steps"))[0], mean_std(v))
-                   for f in SNAPSHOT_FRACS if (v := ablation_cells(rows, name, "knn", f))]
+        for run in runs:
+            pts = [(mean_std(ablation_cells(rows, run.name, "knn", f, "steps"))[0], v)
+                   for f in SNAPSHOT_FRACS if (v := ablation_cells(rows, run.name, "knn", f))]
             if pts:
-                axes[0].errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
-                                 capsize=3, label=f"shuffle-BN {sh}")
-            curves = [r["pretext_curve"] for r in rows if r["run"] == name and r.get("pretext_curve")
+                errorbars(axes[0], pts, label=f"shuffle-BN {run.col}")
+            curves = [r["pretext_curve"] for r in rows if r["run"] == run.name and r.get("pretext_curve")
                       and r["probe"] == "knn"]
-            if curves:
+            if curves:  # the mean over the seeds of the logged pretext top-1
                 axes[1].plot([s for s, _ in curves[0]], [sum(c[i][1] for c in curves) / len(curves)
-                                                          for i in range(len(curves[0]))], label=f"shuffle-BN {sh}")
+                                                          for i in range(len(curves[0]))],
+                             label=f"shuffle-BN {run.col}")
         axes[0].set_ylabel("test top-1 % (kNN, backbone)")
         axes[1].set_ylabel("pretext top-1 % (the (K+1)-way task)")
         for ax in axes:
             ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"MoCo {args.experiment} on Fashion-MNIST (basic32, {args.epochs:g} epochs per run)")
+    save_plot(fig, axes, args, f"MoCo {args.experiment} on Fashion-MNIST (basic32, {budget(args, n_train)} per run)")
+
+
+def save_plot(fig, axes, args, title):
+    """Grid and legend on each axis, the title, and OUT/results-EXPERIMENT(-steps).png."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
-    path = os.path.join(args.out, f"results-{args.experiment}.png")
+    path = os.path.join(args.out, stem(args) + ".png")
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
@@ -740,11 +883,12 @@ def ablation_plot(rows, args):
 # ----------------------------------------------------------------------------------------------------
 # DIM's claims (Hjelm et al. 2019, arXiv 1808.06670v5): the estimators against the number of negatives (Sec. 3.1,
 # 4.3: infoNCE needs many, JSD does not, DV is unstable), prior matching (Eq. 7, Table 3: NDM) and DIM(G) vs
-# DIM(L) (Table 1), at one budget of images per run
+# DIM(L) (Table 1), at one budget per run: images, or steps (--per-run steps, dim-estimators)
 # ----------------------------------------------------------------------------------------------------
 # Every run is dim.py with the comparison study's DIM recipe (DIM_FLAGS: Adam lr 5e-4, a 256-unit local critic),
 # --dim-epochs x 60,000 images per run. DIM's negatives are the other images of the batch (each image's Y against
 # every location of the other N - 1 images), so the batch sets their number: (N - 1) x 64 locations per positive.
+# Under the image budget a bigger batch also takes fewer steps; --per-run steps separates the two.
 DIM_BATCHES = (16, 32, 64, 128)
 PAPER_DIM = {  # CIFAR-10 top-1 % conv / fc / Y, 1000 epochs (Table 1); NDM (Table 3)
     "dimL-jsd": "73.25 / 73.62 / 66.96, NDM 0.18", "dimL-nce": "75.21 / 75.57 / 69.13",
@@ -763,7 +907,7 @@ def dim_run(kind="dimL", estimator="jsd", batch=64, gamma=None, gp=None):
 
 
 def dim_runs(experiment):
-    """-> [(column value, run name, flags, batch)]."""
+    """-> [(column value, run name, flags, batch)] of one of DIM's experiments."""
     if experiment == "dim-estimators":
         return [((est, b), *dim_run("dimL", est, b)) for est in ("jsd", "nce", "dv") for b in DIM_BATCHES]
     return [(("DIM(L)", "gamma 0"), *dim_run("dimL", gamma=0)), (("DIM(L)", "gamma 0.1"), *dim_run("dimL")),
@@ -787,32 +931,31 @@ def run_dim_ablations(args):
     log = os.path.join(args.out, "results.jsonl")
     done = {(r["run"], r["seed"]) for r in map(json.loads, open(log))} if os.path.exists(log) else set()
     t_start, views = time.perf_counter(), eval_views(args)
-    for _, name, flags, batch in dim_runs(args.experiment):
-        for seed in [seed for seed in range(args.seeds) if (name, seed) not in done]:
-            dim_snapshot(name, flags, batch, seed, args, views, device, log)
+    n_train = len(views["train"][1])
+    for run in planned_runs(args, n_train):
+        for seed in [seed for seed in range(args.seeds) if (run.name, seed) not in done]:
+            dim_snapshot(run, seed, args, views, device, log)
     rows = [json.loads(l) for l in open(log)]  # with the diverged runs' lines
-    total_s = add_time(args, f"seconds-{args.experiment}.txt", t_start)
-    text = dim_report(rows, args, total_s)
+    total_s = add_time(args, stem(args, "seconds") + ".txt", t_start)
+    text = dim_report(rows, args, total_s, n_train)
     print(text)
-    dim_plot(rows, args)
+    dim_plot(rows, args, n_train)
     return rows
 
 
-def dim_snapshot(name, flags, batch, seed, args, views, device, log):
-    """Trains seed `seed` of run `name` for its image budget and records the probes and the NDM; a run whose loss
+def dim_snapshot(run, seed, args, views, device, log):
+    """Trains seed `seed` of a planned run for its steps and records the probes and the NDM; a run whose loss
     turns non-finite is recorded as diverged and not evaluated."""
-    per_epoch = len(views["train"][1]) // batch
-    steps = max(1, round(args.dim_epochs * per_epoch))
-    out = os.path.join(args.out, name, f"seed{seed}")
+    out, argv = planned_argv(run, args, seed, len(views["train"][1]))
     try:
-        time_s, done = run_script(dim, run_argv(flags, args, out, seed, steps, steps, per_epoch), name)
+        time_s, done = run_script(dim, argv, run.name)
     except Diverged as e:
         print(f"seed {seed} of {e}", flush=True)
-        record(log, run=name, seed=seed, steps=steps, layer="", probe="diverged", top1=None, time_s=0.0)
+        record(log, run=run.name, seed=seed, steps=run.steps, layer="", probe="diverged", top1=None, time_s=0.0)
         return
     last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][-1]
     for (layer, kind), value in evaluate_dim(os.path.join(out, "ckpt.pt"), views, seed, args, device).items():
-        record(log, run=name, seed=seed, steps=done, time_s=time_s, layer=layer, probe=kind, top1=value,
+        record(log, run=run.name, seed=seed, steps=done, time_s=time_s, layer=layer, probe=kind, top1=value,
                final_local=last["local"], final_global=last["global"], final_d_acc=last["d_acc"])
 
 
@@ -820,58 +963,50 @@ def dim_cells(rows, name, layer, kind):
     return [r["top1"] for r in rows if (r["run"], r["layer"], r["probe"]) == (name, layer, kind)]
 
 
-def dim_report(rows, args, seconds):
-    """results-EXPERIMENT.md: linear probe on conv / fc / Y and NDM, mean ± std over seeds; diverged seeds counted."""
-    runs = dim_runs(args.experiment)
+def dim_report(rows, args, seconds, n_train):
+    """results-EXPERIMENT.md (-steps.md under --per-run steps): linear probe on conv / fc / Y and NDM, mean ± std
+    over seeds; diverged seeds counted."""
+    estimators = args.experiment == "dim-estimators"
+    head = ("| run | " + ("estimator | batch (negatives per positive)" if estimators else "model | prior")
+            + " | conv | fc | Y | NDM (Y) | diverged | steps |" + images_seen(args, n_train) + " s per run |")
     lines = [f"Fashion-MNIST test top-1 % of the linear probe ({args.probe_epochs} epochs) on frozen conv / fc / Y "
-             f"features, and the NDM of Y (mean ± std over the seeds run); {args.dim_epochs:g} epochs of "
-             "pretraining per run", "",
-             "| run | " + ("estimator | batch (negatives per positive)" if args.experiment == "dim-estimators"
-                          else "model | prior") + " | conv | fc | Y | NDM (Y) | diverged | steps | s per run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for col, name, _, batch in runs:
-        what = f"{col[0]} | {batch} ({(batch - 1) * 64})" if args.experiment == "dim-estimators" else \
-            f"{col[0]} | {col[1]}"
-        own = [r for r in rows if r["run"] == name and r["probe"] == "linear" and r["layer"] == "conv"]
-        bad = sum(r["probe"] == "diverged" for r in rows if r["run"] == name)
-        cells = [cell(dim_cells(rows, name, layer, "linear")) for layer in DIM_LAYERS]
-        nd = dim_cells(rows, name, "y", "ndm")
-        lines.append(f"| {name} | {what} | " + " | ".join(cells)
-                     + f" | {'%.3f ± %.3f' % mean_std(nd) if nd else ''} | "
-                     f"{bad} | {own[0]['steps'] if own else ''} | "
-                     f"{sum(r['time_s'] for r in own) / len(own) if own else 0:.0f} |")
+             f"features, and the NDM of Y (mean ± std over the seeds run); {budget(args, n_train)} of "
+             "pretraining per run", "", head, rule(head)]
+    for run in planned_runs(args, n_train):
+        what = f"{run.col[0]} | {run.batch} ({(run.batch - 1) * 64})" if estimators else f"{run.col[0]} | {run.col[1]}"
+        own = [r for r in rows if r["run"] == run.name and r["probe"] == "linear" and r["layer"] == "conv"]
+        bad = sum(r["probe"] == "diverged" for r in rows if r["run"] == run.name)
+        cells = [cell(dim_cells(rows, run.name, layer, "linear")) for layer in DIM_LAYERS]
+        lines.append(f"| {run.name} | {what} | " + " | ".join(cells)
+                     + f" | {cell(dim_cells(rows, run.name, 'y', 'ndm'), 3)} | {bad} | "
+                     f"{own[0]['steps'] if own else ''} |" + images_seen(args, n_train, run)
+                     + f" {sum(r['time_s'] for r in own) / len(own) if own else 0:.0f} |")
     lines += ["", "The paper (CIFAR-10, 1000 epochs, Table 1 conv / fc / Y, Table 3 NDM): "
               + "; ".join(f"{k}: {v}" for k, v in PAPER_DIM.items()), "",
-              f"run time of this experiment's calls {moco.fmt_time(seconds)}; "
-              f"`python study.py {' '.join(sys.argv[1:])}`".rstrip()]
-    return write_text(args, f"results-{args.experiment}.md", lines)
+              f"run time of this experiment's calls {moco.fmt_time(seconds)}; `{command(args)}`"]
+    return write_text(args, stem(args) + ".md", lines)
 
 
-def dim_plot(rows, args):
-    """results-dim-estimators.png: conv accuracy against the batch (negatives) per estimator (needs matplotlib)."""
+def dim_plot(rows, args, n_train):
+    """results-dim-estimators.png (-steps.png under --per-run steps): conv and Y accuracy against the batch (the
+    negatives) per estimator (needs matplotlib)."""
     if args.experiment != "dim-estimators":
         return
     plt = pyplot()
     if plt is None:
         return
+    runs = planned_runs(args, n_train)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, layer in zip(axes, ("conv", "y")):
         for est in ("jsd", "nce", "dv"):
-            pts = [(b, mean_std(v)) for b in DIM_BATCHES if (v := dim_cells(rows, dim_run("dimL", est, b)[0],
-                                                                            layer, "linear"))]
+            pts = [(run.batch, v) for run in runs if run.col[0] == est
+                   and (v := dim_cells(rows, run.name, layer, "linear"))]
             if pts:
-                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
-                            capsize=3, label=est)
+                errorbars(ax, pts, label=est)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (negatives per positive: (batch - 1) x 64 locations)")
         ax.set_ylabel(f"test top-1 % (linear, {layer})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"DIM(L) estimators on Fashion-MNIST (basic32, {args.dim_epochs:g} epochs per run)")
-    fig.tight_layout()
-    path = os.path.join(args.out, "results-dim-estimators.png")
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_plot(fig, axes, args, f"DIM(L) estimators on Fashion-MNIST (basic32, {budget(args, n_train)} per run)")
 
 
 def main(argv=None):
