@@ -1,31 +1,51 @@
-"""Frozen-feature evaluation of moco.py and dim.py checkpoints and of the official MoCo checkpoints.
+"""Frozen-feature evaluation of moco.py and dim.py checkpoints and of the official MoCo checkpoints: a linear probe,
+the DIM paper's MLP probe, kNN, and fine-tuning.
 
 Protocols
-- `--probe linear` (default): the official MoCo linear classification protocol (facebookresearch/moco,
-  main_lincls.py): the backbone stays in eval() mode so batch-norm statistics cannot move, a linear layer
-  initialised N(0, 0.01) with zero bias, SGD lr 30, momentum 0.9, weight decay 0, lr x0.1 at epochs 60 and
-  80 of 100, batch 256; afterwards the official sanity check that every backbone tensor is unchanged.
-  NOTE(deviation): by default the features are standardised with the training split's mean and std first (a
-  fixed affine map: still a linear probe) and the lr is 0.1, since lr 30 diverges on small encoders;
-  --no-standardize is main_lincls.py exactly.
-- `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1): one hidden layer of
-  200 units with dropout (rdevon/DIM classifier: Linear 200, Dropout 0.1, BN, ReLU, Linear), Adam lr 1e-4, cortex's
-  betas (0.5, 0.999), batch 64, 100 epochs. NOTE(deviation): lr x0.1 at epoch 50 is ours (the paper gives none).
-- kNN (k=200, t=0.1, cosine; the MoCo CIFAR notebook) on the same features, always reported.
-
-`--aug crop` trains the probe on RandomResizedCrop + flip views through the frozen backbone every epoch (the
-official protocol for ImageNet-sized images); `--aug none` extracts the features once and trains on them
-(fast; the default for images of 64 px or less). Top-1/top-5 are on the test split (the `val` folder, the
-torchvision test split, or images 8000-9999 of the built-in data).
+- `--protocol main_lincls`: facebookresearch/moco main_lincls.py's linear classification, exactly: the backbone
+  frozen in eval() mode (batch-norm statistics cannot move), a linear layer initialised N(0, 0.01) with zero bias
+  on the raw features, SGD lr 30, momentum 0.9, weight decay 0, lr x0.1 at epochs 60 and 80 of 100, batch 256, on
+  RandomResizedCrop(image size) + horizontal-flip views of every training image through the backbone every epoch
+  at every image size, the last partial batch kept (under torchrun every process gets the same number of
+  batches: torch's DistributedSampler pads the epoch, as in main_lincls.py); test top-1 after every epoch, the
+  best and the last reported. Its flags --epochs, --lr, --batch-size, --milestones act as main_lincls.py's
+  --epochs, --lr, -b, --schedule, except that the default milestones are 60% and 80% of --epochs (main_lincls.py's
+  stay at 60, 80 whatever its --epochs). Flags for what
+  main_lincls.py does not do (--probe mlp, --finetune, --aug none, --standardize, --label-fraction,
+  --labels-per-class) stop the run. Not main_lincls.py's: at 64 px or less the test view is the whole image
+  resized (moco.py's plain view, which above 64 px is main_lincls.py's Resize(256) + CenterCrop(224) scaled to the
+  image size), and its sanity_check (every backbone tensor unchanged) runs after the last epoch, not the first.
+- `--protocol ours` (default) `--probe linear`: main_lincls.py's head and initialisation, SGD with momentum 0.9 and
+  no weight decay, and its sanity check, with our defaults. NOTE(deviation): the features are standardised with
+  the training split's mean and std (a fixed affine map, so the probe stays linear) and the lr is 0.1, because lr
+  30 on raw features diverges on our small encoders and one lr then suits every encoder and layer
+  (`--no-standardize`: raw features, lr 30).
+  NOTE(deviation): for images of 64 px or less (`--aug auto`) the features of the plain view are extracted once
+  and the probe trains on them: one pass through the backbone instead of one per epoch, without augmentation.
+  The last partial batch is kept on cached features and dropped on crop views (moco.py's sampler); lr x0.1 at
+  60% and 80% of --epochs.
+- `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1: one hidden layer of 200
+  units with dropout) as rdevon/DIM's cortex_DIM/evaluation_models/classification_eval.py trains it: Linear 200,
+  Dropout 0.1, BN, ReLU, Linear; Adam lr 1e-4 with cortex's betas (0.5, 0.999), batch 64, and the official schedule
+  MultiStepLR(milestones=[50, 100], gamma=0.1), here at 50% and 100% of --epochs. NOTE(deviation): the 100
+  epochs are ours (that file sets no epoch count; at 100 the second milestone falls at the end), and so is the
+  standardisation of the features (on unless --no-standardize).
+- kNN (k=200, t=0.1, cosine; the MoCo CIFAR notebook) on the plain-view features, always reported.
+Reported: top-1/top-5 after the last epoch on the test split (the `val` folder, else every 10th image of the
+folder; the torchvision test split; images 8000-9999 of the built-in data), and top-1 after every epoch with the
+best of them. A frozen backbone in eval() mode gives the same test features every epoch, so they are extracted once
+and each epoch's top-1 costs one forward of the head. The best epoch is chosen on the test set, as main_lincls.py's
+best_acc1 is: an optimistic number, always printed beside the last.
 
 Semi-supervised protocols
 - `--finetune`: the whole encoder trains with the head (backbone in train() mode, so BN statistics move too), the
-  backbone at `--backbone-lr` (default 0.05 x the head's lr: the ratio of SwAV's eval_semisup.py, trunk 0.01 /
-  head 0.2 at 10% labels; the value itself is ours), on the views of `--aug`: crop as above, and for `none` the
-  plain (test) view of each image, reshuffled every epoch (features cannot be cached while the backbone moves).
-  The sanity check is inverted: some backbone weight must have changed. The standardisation becomes a batch norm
-  without affine (MAE's linear probe), since fixed statistics of the pre-trained features blow up dead ones that
-  come alive; kNN is reported on the pre-trained features, top-1/top-5 on the fine-tuned ones.
+  head at `--lr` (default 0.1 linear, 1e-4 mlp: the standardised probes', whatever --standardize says) and the
+  backbone at `--backbone-lr` (default 0.05 x the head's: the ratio of SwAV's eval_semisup.py, trunk 0.01 / head
+  0.2 at 10% labels; the values are ours), on the views of `--aug`: crop as above, and for `none` the plain view of
+  each image, reshuffled every epoch. Only the last epoch's top-1 is measured: the test features would have to be
+  extracted again after every epoch. The sanity check is inverted: some backbone weight must have changed. The
+  standardisation becomes a batch norm without affine (MAE's linear probe), since fixed statistics of the
+  pre-trained features blow up dead ones that come alive; kNN is on the pre-trained features.
 - `--label-fraction F` or `--labels-per-class N`: a class-balanced subset of the labelled training images,
   round(F * n_c) (at least 1) or min(N, n_c) of class c, drawn by `--seed`. It trains the probe or the
   fine-tuning and is the kNN bank as well, so every number sees the same labels; its indices (positions in the
@@ -34,11 +54,12 @@ Semi-supervised protocols
 Commands
     python eval_linear.py --pretrained runs/moco/ckpt.pt                  # data and size from the checkpoint
     python eval_linear.py --pretrained runs/dim/ckpt.pt --layer fc --probe mlp
-    python eval_linear.py --pretrained moco_v2_200ep_pretrain.pth.tar --data ~/imagenet
+    python eval_linear.py --pretrained moco_v2_200ep_pretrain.pth.tar --data ~/imagenet --protocol main_lincls
     python eval_linear.py --pretrained runs/dim/ckpt.pt --layer y --random-init   # same encoder, random init
     python eval_linear.py --pretrained runs/moco/ckpt.pt --finetune --label-fraction 0.1   # semi-supervised
 """
 import json
+import math
 import os
 import sys
 import time
@@ -56,43 +77,79 @@ from moco import UserError, arg
 
 @dataclass
 class Args:
-    pretrained: str = arg("", "checkpoint: moco.py, dim.py, or official MoCo ({'state_dict': module.encoder_q.*})")
-    data: str = arg(None, "image folder or torchvision root (default: the checkpoint's; built-in data if none)")
+    pretrained: str = arg("", "checkpoint: moco.py, dim.py, or official MoCo ({'state_dict': module.encoder_q.*}) "
+                              "(required: no default)")
+    data: str = arg(None, "image folder or torchvision root (default: the checkpoint's; the built-in data if none)")
     dataset: str = arg(None, "an image folder or a torchvision data set (default: the checkpoint's)", moco.DATASETS)
-    download: bool = arg(False, "let torchvision download --dataset")
-    out: str = arg("", "result JSON (default: eval_<layer>_<probe>.json next to the checkpoint)")
-    probe: str = arg("linear", "linear: official MoCo protocol; mlp: DIM paper, 200 hidden units, dropout",
-                     ("linear", "mlp"))
+    download: bool = arg(False, "let torchvision download --dataset (default: off)")
+    out: str = arg("", "result JSON (default: eval_<layer>_<probe><tags>.json next to the checkpoint, tags such as "
+                       "_finetune)")
+    protocol: str = arg("ours", "main_lincls: facebookresearch/moco main_lincls.py's linear probe exactly (crop "
+                                "views every epoch, raw features, lr 30); ours: the values each flag states "
+                                "(default ours)",
+                        ("ours", "main_lincls"))
+    probe: str = arg("linear", "linear: one linear layer (main_lincls.py's); mlp: the DIM paper's, 200 hidden "
+                               "units, dropout, BN", ("linear", "mlp"))
     layer: str = arg("backbone", "moco: backbone (the encoder without its fc head); dim: conv | fc | y")
-    epochs: int = arg(None, "probe epochs (linear 100, mlp 100)")
-    batch_size: int = arg(None, "probe batch (linear 256, mlp 64)")
-    lr: float = arg(None, "probe learning rate (linear: SGD 30, or 0.1 with --standardize; mlp: Adam 1e-4)")
-    standardize: bool = arg(True, "standardise features with the training split's mean and std (a fixed "
-                                  "affine map, so the probe stays linear); --no-standardize = main_lincls.py")
-    milestones: str = arg(None, "epochs at which the lr is multiplied by 0.1 (linear 60,80; mlp 50)")
-    aug: str = arg("auto", "crop: RandomResizedCrop + flip each epoch; none: cached features; auto: crop above 64 px",
-                   ("auto", "crop", "none"))
+    epochs: int = arg(None, "training epochs (default 100)")
+    batch_size: int = arg(None, "global batch, shared by torchrun's processes (default 256 linear, 64 mlp)")
+    lr: float = arg(None, "the head's lr (default: linear 0.1 on standardised features, 30 on raw ones; mlp 1e-4; "
+                          "with --finetune 0.1 linear, 1e-4 mlp)")
+    standardize: bool = arg(True, "standardise features with the training split's mean and std, a fixed affine map "
+                                  "(the probe stays linear), so that one lr suits every encoder (default: on; off "
+                                  "with --protocol main_lincls)")
+    milestones: str = arg(None, "epochs at which the lr is multiplied by 0.1 (default: 60%,80% of --epochs for "
+                                "linear and --finetune, 60,80 of 100; mlp 50%,100%, rdevon/DIM's 50,100)")
+    aug: str = arg("auto", "crop: RandomResizedCrop + flip views through the backbone every epoch; none: features "
+                           "of the plain view extracted once (default auto: crop above 64 px, none at 64 px or "
+                           "less; crop with --protocol main_lincls)", ("auto", "crop", "none"))
     image_size: int = arg(None, "input size (default: the checkpoint's; 224 for official checkpoints)")
-    random_init: bool = arg(False, "evaluate the same encoder with random weights (the baseline)")
+    random_init: bool = arg(False, "evaluate the same encoder with random weights, the baseline (default: off)")
     workers: int = arg(min(4, os.cpu_count() or 1), "data loader processes")
     device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     seed: int = arg(0, "random seed (also draws the --label-fraction / --labels-per-class subset)")
-    finetune: bool = arg(False, "train the whole encoder with the head (backbone in train() mode)")
-    backbone_lr: float = arg(None, "backbone lr with --finetune (default 0.05 x --lr: SwAV eval_semisup.py's ratio)")
-    label_fraction: float = arg(None, "train on a class-balanced fraction 0 < F <= 1 of the labelled images")
-    labels_per_class: int = arg(None, "train on N labelled images per class (all of a class with fewer)")
+    finetune: bool = arg(False, "train the whole encoder with the head, backbone in train() mode (default: off)")
+    backbone_lr: float = arg(None, "backbone lr with --finetune (default 0.05 x the head's lr: 0.005 linear, 5e-6 "
+                                   "mlp; the trunk/head ratio of SwAV's eval_semisup.py)")
+    label_fraction: float = arg(None, "train on a class-balanced fraction 0 < F <= 1 of the labelled images "
+                                      "(default: all of them)")
+    labels_per_class: int = arg(None, "train on N labelled images per class, all of a class with fewer (default: "
+                                      "all of them)")
+    resume: str = arg("", "continue from OUT's .pt (the probe's checkpoint) if it exists: auto; or a path "
+                          "(default: start anew)")
+    save_on_signal: str = arg("TERM,USR1", "signals that stop the probe's training after the current step with a "
+                                           "checkpoint (exit status 75); empty = none (default TERM,USR1)")
 
 
-PROBE_DEFAULTS = {"linear": dict(epochs=100, batch_size=256, lr=30.0, milestones="60,80"),  # lr 0.1 standardised
-                  "mlp": dict(epochs=100, batch_size=64, lr=1e-4, milestones="50")}
+# ours: lr 0.1 on standardised features (30 on raw ones, main_lincls.py's); mlp: rdevon/DIM classification_eval.py
+PROBE_DEFAULTS = {"linear": dict(epochs=100, batch_size=256, lr=0.1), "mlp": dict(epochs=100, batch_size=64, lr=1e-4)}
+
+
+def default_milestones(probe, epochs):
+    """lr x0.1 at 60% and 80% of the epochs (main_lincls.py's 60, 80 of 100), or at 50% and 100% for the MLP probe
+    (rdevon/DIM's MultiStepLR milestones [50, 100]); rounded half up, at least epoch 1."""
+    return ",".join(str(max(1, math.floor(f * epochs + 0.5))) for f in ((0.5, 1.0) if probe == "mlp" else (0.6, 0.8)))
 
 
 def parse_args(argv=None):
-    """moco.py's parser (one line per error) with this file's Args, then the probe's defaults."""
-    args = moco.parse_args(argv, Args, {})[0]
-    for k, v in PROBE_DEFAULTS[args.probe].items():
-        if getattr(args, k) is None:
-            setattr(args, k, 0.1 if k == "lr" and args.probe == "linear" and args.standardize else v)
+    """moco.py's parser (one line per error) with this file's Args, then the protocol's and probe's defaults."""
+    args, given = moco.parse_args(argv, Args, {})
+    if args.protocol == "main_lincls":
+        for bad, flag in [(args.probe != "linear", f"--probe {args.probe}"), (args.finetune, "--finetune"),
+                          (args.aug == "none", "--aug none"), (given.get("standardize"), "--standardize"),
+                          (args.label_fraction is not None, "--label-fraction"),
+                          (args.labels_per_class is not None, "--labels-per-class")]:
+            if bad:
+                raise UserError(f"{flag} is not main_lincls.py's: --protocol main_lincls trains a linear layer on "
+                                "raw features of crop views of every training image; drop one of the two")
+        args.standardize, args.aug = False, "crop"
+    d = PROBE_DEFAULTS[args.probe]
+    args.epochs = d["epochs"] if args.epochs is None else args.epochs
+    args.batch_size = d["batch_size"] if args.batch_size is None else args.batch_size
+    if args.lr is None:  # never derived from lr 30 when the backbone trains
+        args.lr = 30.0 if args.probe == "linear" and not args.standardize and not args.finetune else d["lr"]
+    if args.milestones is None:
+        args.milestones = default_milestones(args.probe, args.epochs)
     if args.finetune and args.backbone_lr is None:
         args.backbone_lr = 0.05 * args.lr  # SwAV eval_semisup.py, 10% labels: --lr 0.01 --lr_last_layer 0.2
     return args
@@ -101,7 +158,11 @@ def parse_args(argv=None):
 def check_flags(args, world):
     """Values that make no sense stop here in one line, before minutes of feature extraction and training."""
     for bad, msg in [
+        (args.epochs < 1, f"--epochs {args.epochs} must be >= 1"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size} must be >= 1"),
         (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
+        (not all(m.strip().isdigit() for m in args.milestones.split(",") if m.strip()),
+         f"--milestones {args.milestones!r}: expected epochs separated by commas, e.g. 60,80"),
         (args.backbone_lr is not None and not args.finetune, "--backbone-lr is for --finetune"),
         (args.finetune and (args.backbone_lr or 0) < 0, f"--backbone-lr {args.backbone_lr} must be >= 0"),
         (args.label_fraction is not None and args.labels_per_class is not None,
@@ -109,7 +170,9 @@ def check_flags(args, world):
         (args.label_fraction is not None and not 0 < args.label_fraction <= 1,
          f"--label-fraction {args.label_fraction} must be in (0, 1]"),
         (args.labels_per_class is not None and args.labels_per_class < 1,
-         f"--labels-per-class {args.labels_per_class} must be >= 1")]:
+         f"--labels-per-class {args.labels_per_class} must be >= 1"),
+        (moco.bad_signals(args.save_on_signal),
+         f"--save-on-signal {args.save_on_signal!r}: {moco.bad_signals(args.save_on_signal)}")]:
         if bad:
             raise UserError(msg)
 
@@ -218,10 +281,14 @@ def topk_acc(logits, y, ks=(1, 5)):
     return [hit[:, :k].any(1).float().mean().item() * 100 for k in ks]
 
 
-def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=print, backbone=None):
-    """Trains args.probe on (features, labels) for args.epochs; `batches(epoch)` yields (features, labels) when
+def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=print, backbone=None, on_epoch=None,
+              progress=None, stop=None):
+    """Trains args.probe on (features, labels) for args.epochs; `batches(epoch, skip)` yields (features, labels) when
     the features are not cached (crop views), or (images, labels) when `backbone` is given: then the backbone
-    trains too (fine-tuning), in train() mode. Returns the head in eval() mode, standardisation included."""
+    trains too (fine-tuning), in train() mode. After every epoch `on_epoch(record, head)` may add to the record
+    {epoch, loss, images: the examples the epoch's steps saw, over all processes}, with the head in eval() mode.
+    `progress` (a Progress) restores a stopped run and writes the checkpoint at an agreed `stop` and at the end.
+    Returns the head in eval() mode, standardisation included."""
     torch.manual_seed(args.seed)
     head = make_head(args.probe, train_f.shape[1], classes).to(train_f.device)
     opt = make_opt(args, head, backbone)
@@ -239,73 +306,124 @@ def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=prin
     if ddp:  # a dim.py tap below y (dim.Tap.layer) leaves the encoder's later stages without gradients
         unused = backbone is not None and getattr(backbone, "layer", "y") != "y"
         step_head = nn.parallel.DistributedDataParallel(step_head, find_unused_parameters=unused)
-    milestones = [int(m) for m in args.milestones.split(",") if m]
+    milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
     g = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
-        for grp in opt.param_groups:  # main_lincls.py: lr x0.1 at each milestone, set per epoch
+    modules = {"head": head, "optimizer": opt, **({"backbone": backbone} if backbone is not None else {})}
+    start, skip, sums = progress.restore(modules, g) if progress else (0, 0, (0.0, 0))
+    for epoch in range(start, args.epochs):
+        order = g.get_state()  # the cached features' order of this epoch, drawn below
+        for grp in opt.param_groups:  # main_lincls.py's adjust_learning_rate: x0.1 per milestone, set per epoch
             grp["lr"] = grp["base_lr"] * 0.1 ** sum(epoch >= m for m in milestones)
         head.train()
         if backbone is not None:
             backbone.train()
-        if batches is None:
+        if batches is None:  # every example, the last partial batch too
             perm = torch.randperm(len(train_f), generator=g).to(train_f.device)
-            epoch_batches = ((train_f[i], train_y[i]) for i in perm.split(args.batch_size))
+            epoch_batches = ((train_f[i], train_y[i]) for i in perm.split(args.batch_size)[skip:])
         else:
-            epoch_batches = batches(epoch)
-        total, n = 0.0, 0
+            epoch_batches = batches(epoch, skip)
+        (total, n), pos = (sums if skip else (0.0, 0)), skip
         for f, y in epoch_batches:
-            if len(y) < 2 and (args.probe == "mlp" or backbone is not None):  # batch norm needs 2
-                continue
-            loss = F.cross_entropy(step_head(f), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(y), n + len(y)
+            if len(y) >= 2 or (args.probe == "linear" and backbone is None):  # batch norm needs 2
+                loss = F.cross_entropy(step_head(f), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, n = total + loss.item() * len(y), n + len(y)
+            pos += 1
+            if stop is not None and stop.agreed():
+                progress.save(modules, epoch, pos, order, (total, n))
+                raise moco.Preempted(progress.stopped(epoch, pos))
+        skip = 0
         if not torch.isfinite(torch.tensor(total)):
             raise UserError(f"probe loss is not finite at epoch {epoch + 1}: lower --lr")
+        record = dict(epoch=epoch + 1, loss=total / max(n, 1), images=n * (dist.get_world_size() if ddp else 1))
+        if on_epoch is not None:
+            on_epoch(record, head.eval())
         if (epoch + 1) % max(1, args.epochs // 10) == 0 or epoch + 1 == args.epochs:
-            say(f"probe epoch {epoch + 1}/{args.epochs} loss {total / max(n, 1):.4f}", flush=True)
+            say(f"probe epoch {epoch + 1}/{args.epochs} loss {record['loss']:.4f} ({record['images']} images)"
+                + (f" test top-1 {record['top1']:.2f}" if "top1" in record else ""), flush=True)
+    if progress:
+        progress.save(modules, args.epochs, 0, g.get_state(), (0.0, 0))
     if backbone is not None:
         backbone.eval()
     return head.eval()
 
 
-def evaluate(args, argv_out=print):
+class Progress:
+    """OUT's .pt, the probe's checkpoint: the head (fine-tuning: and the backbone), its optimiser, the position in
+    the epochs, every rank's random state and the epochs' records. Written at a stop signal (--save-on-signal,
+    after the current step, every rank at the same step) and at the end; --resume goes on from it to the numbers an
+    uninterrupted run gives."""
+
+    KEEP = ("pretrained", "protocol", "probe", "layer", "epochs", "batch_size", "lr", "standardize", "milestones",
+            "aug", "image_size", "random_init", "seed", "finetune", "backbone_lr", "label_fraction", "labels_per_class")
+
+    def __init__(self, args, path, device, records):
+        self.args, self.path, self.device, self.records, self.ckpt = args, path, device, records, None
+        src = path if args.resume == "auto" else args.resume
+        if args.resume and (args.resume != "auto" or os.path.exists(src)):
+            self.ckpt = moco.load_checkpoint(src, "eval_linear")
+            saved = self.ckpt["args"]
+            changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in self.KEEP
+                       if saved.get(k) != getattr(args, k)]
+            if changed:
+                raise UserError(f"{src} was trained with other settings ({', '.join(changed)}): give the same "
+                                "flags to go on, or leave out --resume to start anew")
+
+    def restore(self, modules, g):
+        """-> (epoch, steps done in it, their (loss sum, examples)); the modules, the generator and the random state
+        as the checkpoint left them."""
+        if self.ckpt is None:
+            return 0, 0, (0.0, 0)
+        for name, m in modules.items():
+            m.load_state_dict(self.ckpt[name])
+        g.set_state(self.ckpt["order"])
+        moco.set_rng_state(self.ckpt["rng"], self.device)
+        self.records[:] = self.ckpt["records"]
+        return self.ckpt["epoch"], self.ckpt["step_in_epoch"], tuple(self.ckpt["sums"])
+
+    def save(self, modules, epoch, pos, order, sums):
+        rngs = moco.rng_states(self.device)
+        if moco.world_info()[0] == 0:
+            moco.save_checkpoint({"algo": "eval_linear", **{k: m.state_dict() for k, m in modules.items()},
+                                  "epoch": epoch, "step_in_epoch": pos, "order": order, "sums": list(sums),
+                                  "rng": rngs, "records": self.records, "args": vars(self.args)}, self.path)
+
+    def stopped(self, epoch, pos):
+        return "" if moco.world_info()[0] else (
+            f"stopped by {moco.STOP['signal'] or 'a signal to another rank'} at epoch {epoch + 1} step {pos}: "
+            f"checkpoint {self.path}; continue with --resume auto (exit status {moco.PREEMPTED})")
+
+
+def evaluate(args, stop):
     device, rank, world = moco.setup_device(args)
+    stop.world = world  # stop signals are agreed on over gloo (a CPU tensor), as in moco.py
+    stop.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
     check_flags(args, world)
     torch.manual_seed(args.seed)  # the same probe initialisation on every rank
     encoder, ck = load_encoder(args)
-    tag = (("_finetune" if args.finetune else "") + (f"_frac{args.label_fraction:g}" if args.label_fraction else "")
-           + (f"_n{args.labels_per_class}" if args.labels_per_class else "") + ("_random" if args.random_init else ""))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
-                                   f"eval_{args.layer}_{args.probe}{tag}.json")
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--out {out}: not a writable file name in an existing folder")
+    out = output_path(args)
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad = args.finetune
     before = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-    data = moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
-                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
-    train_set, test_set, stats = moco.load_data(data)
-    hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
-    labelled_set = moco.labelled(train_set, "the training split", hint)
-    test_set = moco.labelled(test_set, "the test split", hint)
-    label_idx = None  # positions in the training split as loaded (unlabelled images included)
-    if args.label_fraction is not None or args.labels_per_class is not None:
-        label_idx = label_subset(moco.targets(train_set), args)
-        labelled_set = torch.utils.data.Subset(train_set, label_idx)
-    train_set = labelled_set
+    train_set, test_set, stats, label_idx = datasets(args, ck)
     size = args.image_size or ck.get("image_size", 224)
     aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
-    if (aug == "crop" or args.finetune) and len(train_set) < args.batch_size:  # full batches only (drop_last)
+    if ((aug == "crop" or args.finetune) and args.protocol != "main_lincls"  # ours: full batches only (drop_last)
+            and len(train_set) < args.batch_size):
         raise UserError(f"{len(train_set)} training images are fewer than one --batch-size {args.batch_size}")
     plain = moco.test_transform(size, stats)
     t0 = time.perf_counter()
-    # moco.py's kNN-monitor path: each rank encodes its contiguous share of a split, gathered in order
+    per_epoch = []
+    progress = Progress(args, os.path.splitext(out)[0] + ".pt", device, per_epoch)
+    # moco.py's kNN-monitor path: each rank encodes its contiguous share of a split, gathered in order; a stop
+    # signal meanwhile ends the run at once (nothing to save yet)
+    moco.STOP["raise"] = "" if rank else "stopped by a signal during the feature extraction: nothing to save yet"
     train_f, train_y = moco.extract_all(encoder, train_set, plain, args.workers, device)  # (N, D), (N,)
     test_f, test_y = moco.extract_all(encoder, test_set, plain, args.workers, device)  # (n, D), (n,)
+    moco.STOP["raise"] = None
     classes = int(max(train_y.max(), test_y.max())) + 1
     knn = moco.knn_top1(train_f, train_y, test_f, test_y)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -317,8 +435,15 @@ def evaluate(args, argv_out=print):
         tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(*moco.MEAN_STD[stats])]) if aug == "crop" else plain
         batches = train_batches(args, None if args.finetune else encoder, train_set, tf, device, rank, world)
+
+    def test_each_epoch(record, head):  # cheap on the cached test features; fine-tuning would re-extract them
+        if not args.finetune:
+            with torch.no_grad():
+                record["top1"] = topk_acc(head(test_f), test_y)[0]
+        per_epoch.append(record)
     head = fit_probe(args, train_f, train_y, classes, batches, ddp=world > 1 and batches is not None, say=say,
-                     backbone=encoder if args.finetune else None)
+                     backbone=encoder if args.finetune else None, on_epoch=test_each_epoch, progress=progress,
+                     stop=stop)
     if args.finetune:
         if world > 1:  # BN statistics are rank-local after the last forward: use rank 0's
             for b in [*encoder.buffers(), *head.buffers()]:
@@ -327,30 +452,80 @@ def evaluate(args, argv_out=print):
     with torch.no_grad():
         top1, top5 = topk_acc(head(test_f), test_y)
     sanity_check(encoder, before, args.finetune)
-    result = dict(pretrained=args.pretrained, algo=ck["algo"],
-                  layer=args.layer, probe=args.probe, aug=aug, random_init=args.random_init, top1=top1, top5=top5,
-                  knn_top1=knn, feature_dim=train_f.shape[1], n_train=len(train_f), n_test=len(test_f),
-                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, finetune=args.finetune,
+    best = max(per_epoch, key=lambda r: r["top1"]) if not args.finetune else dict(top1=None, epoch=None)
+    result = dict(pretrained=args.pretrained, algo=ck["algo"], protocol=args.protocol, layer=args.layer,
+                  probe=args.probe, aug=aug, standardize=args.standardize, random_init=args.random_init, top1=top1,
+                  top5=top5, top1_best=best["top1"], top1_best_epoch=best["epoch"], knn_top1=knn,
+                  feature_dim=train_f.shape[1], n_train=len(train_f), n_test=len(test_f), epochs=args.epochs,
+                  lr=args.lr, milestones=args.milestones, batch_size=args.batch_size, finetune=args.finetune,
                   backbone_lr=args.backbone_lr if args.finetune else None, label_fraction=args.label_fraction,
-                  labels_per_class=args.labels_per_class, seconds=time.perf_counter() - t0, label_idx=label_idx)
+                  labels_per_class=args.labels_per_class, seconds=time.perf_counter() - t0, per_epoch=per_epoch,
+                  label_idx=label_idx)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
-    say(f"{args.probe} {'fine-tuned' if args.finetune else 'probe'} on {args.layer}: top-1 {top1:.2f} "
-        f"top-5 {top5:.2f} kNN top-1 {knn:.2f} (sanity check passed) -> {out}")
+    best_text = "" if args.finetune else f"; best {best['top1']:.2f} at epoch {best['epoch']}, chosen on the test set"
+    say(f"{args.probe} {'fine-tuned' if args.finetune else 'probe'} on {args.layer}: top-1 {top1:.2f} (last epoch"
+        f"{best_text}) top-5 {top5:.2f} kNN top-1 {knn:.2f} (sanity check passed) -> {out}")
     if world > 1:
         dist.destroy_process_group()
     return result
 
 
+def output_path(args):
+    """--out, or eval_<layer>_<probe><tags>.json next to the checkpoint; checked before any work."""
+    tag = ("_main_lincls" if args.protocol == "main_lincls" else "") + ("_finetune" if args.finetune else "") + (
+        f"_frac{args.label_fraction:g}" if args.label_fraction else "") + (
+        f"_n{args.labels_per_class}" if args.labels_per_class else "") + ("_random" if args.random_init else "")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.pretrained)),
+                                   f"eval_{args.layer}_{args.probe}{tag}.json")
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--out {out}: not a writable file name in an existing folder")
+    return out
+
+
+def datasets(args, ck):
+    """-> (labelled training images, or the --label-fraction / --labels-per-class subset of them; labelled test
+    images; normalisation stats name; the subset's positions in the training split as loaded, or None)."""
+    data = moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
+                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
+    train_set, test_set, stats = moco.load_data(data)
+    hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
+    labelled_set = moco.labelled(train_set, "the training split", hint)
+    test_set = moco.labelled(test_set, "the test split", hint)
+    label_idx = None  # positions in the training split as loaded (unlabelled images included)
+    if args.label_fraction is not None or args.labels_per_class is not None:
+        label_idx = label_subset(moco.targets(train_set), args)
+        labelled_set = torch.utils.data.Subset(train_set, label_idx)
+    return labelled_set, test_set, stats, label_idx
+
+
+class EveryImageSampler(torch.utils.data.DistributedSampler):
+    """main_lincls.py's training sampler: every image each epoch, the last partial batch kept; under torchrun
+    torch's DistributedSampler (the permutation padded with its first images to a multiple of the processes), so
+    every process gets as many batches. Yields (index, augmentation seed) for moco.Seeded."""
+
+    def __init__(self, n, seed, rank, world, batch):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.batch, self.skip = batch, 0  # this rank's batch, and the batches already done in the epoch (a resume)
+
+    def __iter__(self):
+        base = (self.seed * 1000003 + self.epoch) * len(self.dataset) * 2  # as moco.EpochSampler's
+        return iter([(i, base + i) for i in list(super().__iter__())[self.skip * self.batch:]])
+
+
 def train_batches(args, encoder, train_set, tf, device, rank, world):
     """batches(epoch) for fit_probe: `tf` views of train_set, this rank's share of each global batch, as features
-    of the frozen `encoder`, or as images (encoder None: fine-tuning, the backbone runs inside fit_probe)."""
-    sampler = moco.EpochSampler(len(train_set), args.batch_size // world, args.seed, rank, world)
+    of the frozen `encoder`, or as images (encoder None: fine-tuning, the backbone runs inside fit_probe). Full
+    batches only (moco.py's sampler), except under --protocol main_lincls (every image, EveryImageSampler)."""
+    sampler = (EveryImageSampler(len(train_set), args.seed, rank, world, args.batch_size // world)
+               if args.protocol == "main_lincls" else
+               moco.EpochSampler(len(train_set), args.batch_size // world, args.seed, rank, world))
     view_loader = moco.loader(moco.Seeded(train_set, tf), args.batch_size // world, args.workers, sampler, device)
 
-    def batches(epoch):
-        sampler.epoch = epoch
+    def batches(epoch, skip=0):
+        sampler.epoch, sampler.skip = epoch, skip  # both samplers draw their permutation from (seed, epoch)
         if encoder is None:
             return ((x.to(device), y.to(device)) for x, y in view_loader)
         return ((encoder(x.to(device)).flatten(1), y.to(device)) for x, y in view_loader)
@@ -371,13 +546,21 @@ def sanity_check(encoder, before, finetune):
 
 def main(argv=None):
     try:
-        return evaluate(parse_args(argv))
+        args = parse_args(argv)
+        with moco.StopOnSignals(args.save_on_signal) as stop:
+            return evaluate(args, stop)
     except UserError as e:  # the message of one raised in a data-loader worker ends with the UserError line
         print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError:
         print("error: out of memory: lower --batch-size", file=sys.stderr)
         sys.exit(3)
+    except Exception as e:  # a stop signal, or a peer of torchrun that stopped (its collective failed) meanwhile
+        if not isinstance(e, moco.Preempted) and moco.STOP["signal"] is None:
+            raise
+        if str(e):
+            print(str(e), file=sys.stderr)
+        sys.exit(moco.PREEMPTED)
 
 
 if __name__ == "__main__":

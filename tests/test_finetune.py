@@ -95,6 +95,11 @@ def test_label_subset_skips_unlabelled_images():
 # ----------------------------------------------------------------------------------------------------
 # Fine-tuning
 # ----------------------------------------------------------------------------------------------------
+def whole(percent, n):
+    """Whether `percent` is a whole number of the n test images (a top-1 on the right test set, not just finite)."""
+    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-6
+
+
 def test_finetune_changes_the_backbone_and_the_probe_does_not(ckpt, tmp_path):
     """The encoder eval_linear trained, compared with a fresh copy of the checkpoint's: every tensor the same
     after the frozen probe; weights and BN statistics moved after --finetune, whose lrs the JSON records."""
@@ -105,11 +110,22 @@ def test_finetune_changes_the_backbone_and_the_probe_does_not(ckpt, tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in frozen[0].state_dict().items())
     r = evaluate(ckpt, tmp_path / "tuned.json", "--finetune", "--labels-per-class", 20, spy=tuned)
     assert r["finetune"] is True and r["lr"] == 0.1 and r["backbone_lr"] == pytest.approx(0.05 * 0.1)
-    assert r["n_train"] == 60 and 0 <= r["top1"] <= 100
+    assert r["n_train"] == 60 and whole(r["top1"], r["n_test"])
     state = tuned[0].state_dict()
     moved = {k for k, v in state.items() if not torch.equal(v, ref[k])}
     weights = {k for k, _ in tuned[0].named_parameters()}
     assert moved & weights and any("running_mean" in k for k in moved)
+
+
+def test_finetune_lrs_are_not_the_raw_probes(ckpt, tmp_path):
+    """--finetune --no-standardize: the head at 0.1 and the backbone at 0.005 (0.05 x 0.1), not lr 30 and 1.5; its
+    schedule follows --epochs (10 epochs: x0.1 at 6 and 8); top-1 only after the last epoch (no per-epoch one)."""
+    a = eval_linear.parse_args(["--pretrained", ckpt, "--finetune", "--no-standardize", "--epochs", "10"])
+    assert a.lr == 0.1 and a.backbone_lr == pytest.approx(0.005) and a.milestones == "6,8"
+    r = evaluate(ckpt, tmp_path / "raw.json", "--finetune", "--no-standardize", "--labels-per-class", 20)
+    assert r["lr"] == 0.1 and r["backbone_lr"] == pytest.approx(0.005) and not r["standardize"]
+    assert r["top1_best"] is None and r["top1_best_epoch"] is None and whole(r["top1"], r["n_test"])
+    assert [e["images"] for e in r["per_epoch"]] == [48] and "top1" not in r["per_epoch"][0]  # 3 full batches of 16
 
 
 def test_inverted_sanity_check_raises_when_the_backbone_does_not_change(ckpt, tmp_path):
@@ -134,6 +150,8 @@ def test_finetune_mlp_with_crops(ckpt, tmp_path):
     (["--backbone-lr", "0.01"], "--backbone-lr is for --finetune"),
     (["--finetune", "--backbone-lr", "-1"], "must be >= 0"),
     (["--finetune", "--labels-per-class", "2"], "fewer than one --batch-size 16"),  # drop_last: no step at all
+    (["--epochs", "0"], "--epochs 0 must be >= 1"),
+    (["--milestones", "6;8"], "expected epochs separated by commas"),
 ])
 def test_nonsense_values_stop_in_one_line(ckpt, tmp_path, capsys, flags, msg):
     with pytest.raises(SystemExit) as e:
