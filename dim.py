@@ -5,10 +5,11 @@ by mutual information estimation and maximization", ICLR 2019, arXiv 1808.06670v
 the paper's; the encoders follow the official code (rdevon/DIM configs/convnets.py). Every deviation is marked
 NOTE(deviation) and listed in the README.
 
-Results: see README.md. Built-in data, `python dim.py` (DIM(L), JSD, 1 epoch = 125 steps, seed 0) on a shared
-2-core CPU (7 min under heavy load); then eval_linear.py's linear probe (100 epochs), top-1 % on images 8000-9999,
-trained vs the same encoder at random init (--random-init): conv 84.65 vs 83.35, fc 82.20 vs 79.80, y 77.10 vs
-78.10. One epoch is a smoke test, not the paper's 1000 (CIFAR-10 Table 1, JSD: 73.25 / 73.62 / 66.96).
+Results: docs/dim.md (measured numbers with date, hardware, command and seeds) and docs/experiments.md.
+
+Reading order: 1 arguments and presets, 2 the algorithm core (the MI estimators, critics, DIM's objective and
+prior matching: copy this section alone into your code), 3 encoders, 4 the training loop; the appendices hold the
+plumbing shared with moco.py (data, kNN monitor, checkpoints, signals).
 
 Commands
     python dim.py                                       # built-in data (Fashion-MNIST test split), CPU-sized:
@@ -24,13 +25,14 @@ Commands
 Deliberately left out: the occlusion and coordinate-prediction variants (Table 4), MS-SSIM and MINE evaluation,
 the SVM probe, the folded "CPC-style" encoders. NDM (Table 3) is study.py's ndm().
 """
-import copy
 import dataclasses
 import gzip
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -65,17 +67,27 @@ class Args:
     epochs: int = arg(1000, "training epochs")                                  # paper: 1000
     batch_size: int = arg(64, "batch size")                                     # paper: 64
     lr: float = arg(1e-4, "Adam learning rate (encoder, critics and prior discriminator)")  # paper: 1e-4
-    workers: int = arg(4, "data loader processes")
+    workers: int = arg(4, "data loader processes (at most the CPUs the process may use)")
     device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     seed: int = arg(0, "random seed")
     resume: str = arg("", "checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
     max_steps: int = arg(0, "stop after this many optimisation steps (0 = no limit)")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = end of epoch and end of run only)")
     log_every: int = arg(10, "log every N steps")
-    amp: bool = arg(False, "bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing); ignored on CPU")
+    amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 + a gradient scaler on GPUs without bf16) and TF32 "
+                           "on CUDA; on a CPU bf16 autocast, fast only on CPUs with bf16 units")
+    amp_dtype: str = arg("auto", "the autocast type of --amp; auto = bfloat16 where the device has it",
+                         ("auto", "bfloat16", "float16"))
     compile: bool = arg(False, "torch.compile the encoder")
+    channels_last: str = arg("auto", "images and weights in channels-last memory order; auto = on a GPU",
+                             ("auto", "on", "off"))
     knn_every: int = arg(1, "kNN monitor (on the fc features) every N epochs (0 = off)")
-    preset: str = arg("small", "named overrides, see PRESETS", ("small", "dimL", "dimG", "dimLG"))
+    save_on_signal: str = arg("TERM,USR1", "signals that stop the run after the current step with a checkpoint (exit "
+                                           "status 75), e.g. from a scheduler; empty = none")
+    overwrite: bool = arg(False, "start a fresh run in an --out that holds another run's checkpoint (it is replaced)")
+    preset: str = arg("small", "a recipe the other flags override: dimL, dimG, dimLG (the paper's DIM(L), DIM(G), "
+                               "DIM(L+G), Eq. 8), small (ours: DIM(L) for one epoch on a CPU)",
+                      ("small", "dimL", "dimG", "dimLG"))
     # DIM                                                                       # paper Eq. (8)
     arch: str = arg("basic32", "basic32 (32x32) | alex64 (64x64) | a torchvision ResNet name (resnet18, ...)")
     y_dim: int = arg(64, "size of the global feature Y")                        # paper: 64
@@ -225,6 +237,7 @@ class GlobalDotCritic(nn.Module):
 
 def fresh_copy(*stages):
     """A copy of the encoder's stages with newly initialised weights (the official code builds them anew)."""
+    import copy
     net = copy.deepcopy(nn.Sequential(*stages))
     for m in net.modules():
         if hasattr(m, "reset_parameters"):
@@ -372,7 +385,7 @@ def build_encoder(arch, image_size, y_dim=64):
         return Encoder(nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3),
                        net.layer4, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *fc_bn_relu(width, 1024)),
                        nn.Linear(1024, y_dim))
-    raise UserError(f"unknown --arch {arch!r}: basic32, alex64 or a torchvision ResNet name")
+    raise ValueError(f"unknown arch {arch!r}: basic32, alex64 or a torchvision ResNet name")
 
 
 def encoder_for_eval(ckpt, layer):
@@ -397,6 +410,11 @@ def encoder_for_eval(ckpt, layer):
 # ----------------------------------------------------------------------------------------------------
 # 4. Training: one step of Eq. (8), train() on class Run (the plumbing shared with moco.py, Appendix C), main
 # ----------------------------------------------------------------------------------------------------
+def world_info():
+    """(rank, number of processes): (0, 1) unless torch.distributed is initialised (torchrun)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 def train_step(net, prior, opts, scalers, x, args, amp_dtype):
     """One step of Eq. (8) on the batch x (B, 3, S, S): the encoder and the MI critics under autocast; the prior
     discriminator's step (Eq. 7) outside it, in float32, with its own gradient scaler. -> the logged values,
@@ -407,6 +425,9 @@ def train_step(net, prior, opts, scalers, x, args, amp_dtype):
         mi, y = net(x, args.estimator, args.local_samples)  # {'local', 'global'} losses (fp32), Y (N, y_dim)
     mi_local, mi_global = mi.get("local", zero), mi.get("global", zero)
     d_loss, d_acc, prior_loss = zero, zero, zero
+    # NOTE(deviation): alternating updates as Goodfellow et al. 2014 (arXiv 1406.2661, Algorithm 1): the
+    # discriminator steps, then the encoder's prior loss reads the stepped discriminator. The official
+    # PriorMatching.routine (rdevon/DIM) computes both losses from the same discriminator before either step.
     if args.gamma > 0:  # Eq. (7): one discriminator step on this batch's Y, then the encoder's prior loss
         d_loss, d_acc = prior_d_loss(prior, y, args.prior_gp)
         opt_prior.zero_grad(set_to_none=True)
@@ -438,13 +459,16 @@ def train(argv=None):
     encoder = build_encoder(args.arch, args.image_size, args.y_dim)
     model = DIM(encoder, args.image_size, args.y_dim, args.beta > 0, args.alpha > 0, args.critic, args.mi_units,
                 args.global_critic, args.global_layer)
-    model, prior = model.to(device), prior_discriminator(args.y_dim).to(device)
+    model, prior = model.to(device, memory_format=run.fmt), prior_discriminator(args.y_dim).to(device)
     adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
     opts = torch.optim.Adam(model.parameters(), **adam), torch.optim.Adam(prior.parameters(), **adam)
     scalers = tuple(torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16) for _ in range(2))
     state = {"model": model, "prior": prior, "optimizer": opts[0], "prior_optimizer": opts[1],
              "scaler": scalers[0], "prior_scaler": scalers[1]}  # what ckpt.pt holds, beside epoch, step, rng, args
     start = run.restore(state)  # (epoch, step in it, step): zeros for a fresh run
+    for opt in opts:  # the flags' values, also over a resumed optimiser's (its lr, betas and wd are the checkpoint's)
+        for g in opt.param_groups:
+            g.update(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.wd)
     if args.compile:
         model.encoder.compile()
     net = model
@@ -454,11 +478,15 @@ def train(argv=None):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run.fit(lambda x, _: train_step(net, prior, opts, scalers, x, args, run.amp_dtype), state, start,
             {"loss": ".4f", "local": ".4f", "global": ".4f", "prior": ".3f", "d_loss": None, "d_acc": ".1f"},
-            lambda epoch: args.lr, Tap(model.encoder, "fc"), " (fc)", "a lower --lr, --estimator jsd")
+            lambda epoch: opts[0].param_groups[0]["lr"], Tap(model.encoder, "fc"), " (fc)",
+            "a lower --lr, --estimator jsd")
     return model, prior
 
 
 # --- shared: main ---
+PREEMPTED = 75  # exit status of a run stopped by --save-on-signal after writing its checkpoint (EX_TEMPFAIL: try again)
+
+
 def main(argv=None):
     try:
         train(argv)
@@ -472,6 +500,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a stop signal, or a peer of torchrun that stopped (its collective failed) meanwhile
+        if not isinstance(e, Preempted) and STOP["signal"] is None:
+            raise
+        if str(e):
+            print(str(e), file=sys.stderr)
+        sys.exit(PREEMPTED)
 # --- end shared: main ---
 
 
@@ -653,10 +687,19 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def loader(ds, batch, workers, sampler=None, device=None):
-    # its own generator: starting an epoch must not draw from the global RNG, or a resumed run would differ
+    """A DataLoader with at most as many processes as this process may use CPUs (more only slow it down), and its
+    own generator: starting an epoch must not draw from the global RNG, or a resumed run would differ."""
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
-                                       num_workers=workers, pin_memory=device is not None and device.type == "cuda",
+                                       num_workers=min(workers, usable_cpus()), worker_init_fn=leave_stop_signals,
+                                       pin_memory=device is not None and device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(0))
+
+
+def leave_stop_signals(_):
+    """A loader process ignores the stop signals (a scheduler may signal the whole process group): the run saves
+    and stops; the loader processes end with it."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 # --- end shared: data ---
 
 
@@ -749,6 +792,69 @@ class UserError(Exception):
     """An error the user can fix; main() prints it as one line."""
 
 
+class Preempted(Exception):
+    """A stop signal ended the run after its checkpoint was written; main() exits with PREEMPTED."""
+
+
+STOP = {"signal": None, "raise": None}  # the stop signal received, and the message to raise at once (kNN monitor)
+
+
+class StopOnSignals:
+    """--save-on-signal: while the run trains, each of these signals (SIGTERM from a scheduler, SIGUSR1 ahead of a
+    time limit) asks it to stop after the current optimisation step instead of dying. Under torchrun every rank must
+    stop at the same step: each step's flags are combined (max) over the ranks while the next step runs, so every
+    rank reads the same answer one step later, with no wait on the hot path. The previous handlers come back on exit."""
+
+    def __init__(self, names, world=1, group=None):
+        self.names = [n.strip().upper().removeprefix("SIG") for n in names.split(",") if n.strip()]
+        self.world, self.group, self.pending, self.old, self.now = world, group, None, {}, False
+
+    def __enter__(self):
+        STOP.update({"signal": None, "raise": None})
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers in the main thread only
+            for name in self.names:
+                self.old[name] = signal.signal(getattr(signal, "SIG" + name), self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for name, old in self.old.items():
+            signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL if old is None else old)
+        if self.pending is not None and exc[0] is None:
+            self.pending.wait()
+
+    @staticmethod
+    def handler(signum, frame):
+        STOP["signal"] = STOP["signal"] or signal.Signals(signum).name
+        if STOP["raise"] is not None:  # inside the kNN monitor: the checkpoint is written, leave at once
+            raise Preempted(STOP["raise"])
+
+    def agreed(self, wait=False):
+        """-> whether the run must stop now: the same answer on every rank at the same step. The flags are combined
+        (max) over the ranks while the next step runs; wait=True combines them at once (before the kNN monitor)."""
+        if self.world == 1:
+            self.now = STOP["signal"] is not None
+            return self.now
+        seen = False
+        if self.pending is not None:  # the flags of the step before
+            self.pending.wait()
+            seen = bool(self.flag.item())
+        self.flag = torch.tensor([STOP["signal"] is not None], dtype=torch.int32)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        if wait:
+            self.pending.wait()
+            seen, self.pending = seen or bool(self.flag.item()), None
+        self.now = seen
+        return seen
+
+
+def bad_signals(names):
+    """'' if every name of --save-on-signal is a signal a run can catch, else what is wrong."""
+    for name in filter(None, (n.strip().upper().removeprefix("SIG") for n in names.split(","))):
+        if name in ("KILL", "STOP") or not isinstance(getattr(signal, "SIG" + name, None), signal.Signals):
+            return f"{name} is not a signal a process can catch (e.g. TERM, USR1, USR2, INT)"
+    return ""
+
+
 def setup_device(args):
     """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -760,25 +866,82 @@ def setup_device(args):
         local = int(os.environ.get("LOCAL_RANK", 0))
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # torchrun's store (the agent's, or rank 0's), our keys under the restart count: after --max-restarts
+        # restarted the workers, the process group must not read the dead workers' addresses from the same store
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        if not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+            raise UserError("RANK and WORLD_SIZE are set, MASTER_ADDR and MASTER_PORT are not: launch with torchrun")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=not agent and rank == 0, multi_tenant=True)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"run{attempt}/", store),
+                                rank=rank, world_size=world)
     if use_cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed + rank)
     return torch.device("cuda", local) if use_cuda else torch.device("cpu"), rank, world
 
 
-def world_info():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+def usable_cpus():
+    """The CPUs this process may use, shared by the processes torchrun started on this machine."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+class WholeWrites:
+    """An unbuffered file whose write() writes every byte or raises the OSError that stopped it: a short write (a
+    file-size limit, a full disk) would reach torch.save's writer as a mere position mismatch."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        view = memoryview(b).cast("B")
+        try:
+            while view:
+                view = view[self.f.write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(b)
+
+    def flush(self):
+        pass
+
+
+def replace_file(path, write, what="file"):
+    """write(f) into a temporary file beside `path`, fsync, rename: `path` is either the old file or the new one,
+    never half of one. A failed write (disk full, quota, file-size limit) removes the temporary file and stops the
+    run in one line; the old file stays as it was."""
+    tmp, f = f"{path}.tmp.{os.getpid()}", None
+    try:
+        with open(tmp, "wb", buffering=0) as raw:
+            f = WholeWrites(raw)
+            write(f)
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        e = f.error if f is not None and f.error is not None else e
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise UserError(f"cannot write {what} {path}: {cause}; the previous one is intact") from None
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda f: torch.save(state, f), "checkpoint")
+
+
+def append_line(path, line):
+    """One line at the end of a text file, whole or not at all (a failed write is cut off again)."""
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write((line + "\n").encode())
+            f.flush()
+        except OSError as e:
+            f.truncate(size)
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load_checkpoint(path, algo=None):
@@ -805,86 +968,136 @@ def rng_states(device):
 
 
 def set_rng_state(states, device):
-    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
+    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes: then
+    the ranks it has a state for take it (rank 0, which draws the shuffle-BN permutation and the memory bank's
+    negatives for all, goes on as it would have), the others go on from their own."""
     rank, world = world_info()
     states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
-    if len(states) != world:
-        return False
-    torch.set_rng_state(states[rank]["torch"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        if device.type == "cuda" and states[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return len(states) == world
 
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def shown_default(f, presets, preset):
+    """--help's default of field f: the default preset's value, and where another preset sets another."""
+    def fmt(v):
+        return ("on" if v else "off") if isinstance(v, bool) else repr(v) if v in ("", None) else str(v)
+    value = presets.get(preset, {}).get(f.name, f.default)
+    others = {}
+    for name, p in presets.items():
+        v = p.get(f.name, f.default)
+        if name != preset and v != value:
+            others.setdefault(fmt(v), []).append(name)
+    by = f" with --preset {preset}" if f.name in presets.get(preset, {}) else ""
+    return f"(default {fmt(value)}{by}" + "".join(f"; {', '.join(n)}: {v}" for v, n in others.items()) + ")"
+
+
 def parse_args(argv=None, cls=None, presets=None):
     """-> (cls(...), the flags given): dataclass defaults <- preset <- flags on the command line. Every script's
-    parser (moco.py, dim.py, eval_linear.py, study.py): a field's `choices` are checked, errors are one line."""
+    parser (moco.py, dim.py, eval_linear.py, study.py): a field's `choices` are checked, errors are one line, and
+    --help shows each flag's effective default (a help text that states its default itself keeps its own words)."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             raise UserError(message)
     cls, presets = cls or Args, PRESETS if presets is None else presets
+    preset = getattr(cls, "preset", None)
     p = Parser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        name, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse formats %
+        name, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        text = (text if "default" in text else f"{text} {shown_default(f, presets, preset)}").replace("%", "%%")
         if f.type is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(name, type=f.type, choices=f.metadata["choices"], help=f"{text} (default {f.default!r})")
+            p.add_argument(name, type=f.type, choices=f.metadata["choices"], help=text)
     given = vars(p.parse_args(argv))
-    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})  # the parser checked its name
-    return cls(**{**preset, **given}), given
+    chosen = presets.get(given.get("preset", preset), {})  # the parser checked its name
+    return cls(**{**chosen, **given}), given
 # --- end shared: utilities ---
 
 
 # --- shared: run ---
 class Run:
     """The plumbing of one training run, the same in moco.py and dim.py: arguments (a resumed run takes its
-    checkpoint's, then the flags given again), checks before any work, device and torchrun, output folder and
-    log, data, resume, the step loop with logging, checkpoints and the kNN monitor. The script's train() builds
-    the model and hands fit() a function that takes one optimisation step."""
+    checkpoint's, then the flags given again, and says what changed), checks before any work, device and torchrun,
+    the output folder (never another run's) and its log, data, resume, the step loop with logging, checkpoints, the
+    kNN monitor and stop signals. The script's train() builds the model and hands fit() a function that takes one
+    optimisation step."""
 
     def __init__(self, argv, algo):
         args, given = parse_args(argv)
-        self.algo, self.path, self.ckpt, self.src = algo, os.path.join(args.out, "ckpt.pt"), None, None
+        self.algo, self.path, self.ckpt, self.src, notes = algo, os.path.join(args.out, "ckpt.pt"), None, None, []
         if args.resume:
             self.src = self.path if args.resume == "auto" else args.resume
             if args.resume != "auto" or os.path.exists(self.src):
                 self.ckpt = load_checkpoint(self.src, algo)
-                args = Args(**{**self.ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+                args, notes = resumed_args(self.ckpt["args"], given, self.src)
         self.args = args = resolve(args)
         self.device, self.rank, self.world = setup_device(args)
-        check_args(args, self.world)
-        if self.rank == 0:
-            try:
-                os.makedirs(args.out, exist_ok=True)
-            except OSError as e:  # a file, no permission
-                raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=1)
+        check_args(args, self.world, self.device)
+        # stop signals are agreed on with a CPU tensor over gloo: no wait on the GPU
+        self.ctrl = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
+        self.prepare_out()
         self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+        for note in notes:
+            self.log(note)
         if self.ckpt is None and args.resume == "auto":
             self.log(f"note: --resume auto found no {self.path}; starting fresh")
-        self.amp_dtype = None
-        if args.amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = self.autocast_dtype()
+        last = args.channels_last == "on" or args.channels_last == "auto" and self.device.type == "cuda"
+        self.fmt = torch.channels_last if last else torch.contiguous_format
+
+    def autocast_dtype(self):
+        """--amp: bf16 autocast where the device has it (CUDA GPUs from Ampere on, every CPU), else fp16 with a
+        gradient scaler, and TF32 matrix products on CUDA; --amp-dtype chooses. None without --amp."""
+        args = self.args
+        if not args.amp:
+            return None
+        dtype = getattr(torch, args.amp_dtype) if args.amp_dtype != "auto" else torch.float16 \
+            if self.device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        elif args.amp:
-            self.log("note: --amp is ignored on the CPU")
-        self.fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        else:
+            name = str(dtype).removeprefix("torch.")
+            self.log(f"note: --amp on the CPU: {name} autocast, fast only on CPUs with native {name} arithmetic")
+        return dtype
+
+    def prepare_out(self):
+        """The output folder is never another run's: a fresh run into a folder holding a checkpoint stops, unless
+        --overwrite. args.json is written; metrics.jsonl starts anew, or a resumed run keeps its lines up to the
+        checkpoint's step (a line logged after the checkpoint was written would otherwise appear twice)."""
+        args = self.args
+        own = self.ckpt is not None and os.path.abspath(self.src) == os.path.abspath(self.path)
+        if not own and not args.overwrite and os.path.exists(self.path):
+            raise UserError(f"--out {args.out} already holds a run ({self.path}): continue it with --resume auto, "
+                            "choose another --out, or add --overwrite to start over")
+        if self.rank != 0:
+            return
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            if not own and os.path.exists(self.path):  # --overwrite
+                os.remove(self.path)
+        except OSError as e:  # a file, no permission
+            raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
+        replace_file(os.path.join(args.out, "args.json"),
+                     lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=1).encode()), "arguments")
+        metrics = os.path.join(args.out, "metrics.jsonl")
+        keep = lines_upto(metrics, self.ckpt["step"]) if own else []
+        replace_file(metrics, lambda f: f.write("".join(keep).encode()), "metrics")
 
     def log(self, text, **metrics):
         """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
             if metrics:
-                with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_line(os.path.join(self.args.out, "metrics.jsonl"), json.dumps(metrics))
 
     def data(self):
         """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
@@ -895,13 +1108,16 @@ class Run:
             raise UserError("the training set is empty")
         if args.batch_size > len(train_set):
             raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+        if self.ckpt is not None and self.ckpt.get("n_train", len(train_set)) != len(train_set):
+            raise UserError(f"the training set has {len(train_set)} images and {self.src}'s had {self.ckpt['n_train']}: "
+                            "a resumed run needs the same data (its steps and data order depend on it)")
         train_tf, self.test_tf = transforms(args, stats)
         self.sampler = EpochSampler(len(train_set), args.batch_size // self.world, args.seed, self.rank, self.world)
         self.loader = loader(Seeded(train_set, train_tf), self.sampler.batch, args.workers, self.sampler, device)
         hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
         self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
         self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
-        self.gpu_batches = None  # --gpu-aug, speed only: gpu_aug.py, imported on that path alone (README "Speed")
+        self.gpu_batches = None  # --gpu-aug, speed only: gpu_aug.py, imported on that path alone
         if args.gpu_aug != "off":
             try:
                 import gpu_aug
@@ -912,19 +1128,22 @@ class Run:
                     raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
         some = f" ({len(self.bank_set)} labelled: the kNN bank)" if len(self.bank_set or train_set) < len(train_set) \
             else ""
+        workers = min(args.workers, usable_cpus())
+        how = "read" if getattr(args, "aug", "") == "none" else "augmented"
         self.log(f"data: {len(train_set)} images{some}, " + (
-            f"uint8 on {device}, augmented there in batches (gpu_aug.py)" if self.gpu_batches else
-            f"augmented by the CPU loader with {args.workers} workers"))
+            f"uint8 on {device}, {how} there in batches (gpu_aug.py)" if self.gpu_batches else
+            f"{how} by the CPU loader with {workers} workers"
+            + (f" (--workers {args.workers}: more than the {usable_cpus()} CPUs this process may use)"
+               if workers < args.workers else "")))
 
     def batches(self, epoch):
         """The rest of the epoch's batches on the device: (a tensor (B, 3, S, S) or a tuple of views, the images'
         indices in the training set (B,))."""
         idx = torch.tensor([i for i, _ in self.sampler], device=self.device).view(-1, self.sampler.batch)
-        if self.gpu_batches is not None:
-            yield from zip(self.gpu_batches(epoch), idx)
-            return
-        for (x, _), i in zip(self.loader, idx):  # x: a tensor, or a list of views
-            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in (x if type(x) is list else [x])]
+        views = self.gpu_batches(epoch) if self.gpu_batches is not None else (x for x, _ in self.loader)
+        for x, i in zip(views, idx):  # x: a tensor, or a list or tuple of views
+            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt)
+                 for v in (x if isinstance(x, (list, tuple)) else [x])]
             yield tuple(x) if len(x) > 1 else x[0], i
 
     def restore(self, state):
@@ -939,8 +1158,8 @@ class Run:
             except (RuntimeError, ValueError, KeyError) as e:
                 raise UserError(f"{self.src} does not match these settings ({name}): {str(e).splitlines()[0]}")
         if not set_rng_state(self.ckpt["rng"], self.device):
-            self.log(f"note: {self.src} was saved by another number of processes: each rank goes on from its current "
-                     "random state (the data order and augmentations do not depend on it)")
+            self.log(f"note: {self.src} was saved by another number of processes: the ranks beyond its own go on "
+                     "from their current random state (the data order and augmentations do not depend on it)")
         self.log(f"resumed from {self.src} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}")
         return self.ckpt["epoch"], self.ckpt["step_in_epoch"], self.ckpt["step"]
 
@@ -949,70 +1168,139 @@ class Run:
         if self.rank == 0:
             save_checkpoint({"algo": self.algo, **{k: v.state_dict() for k, v in state.items()}, "epoch": epoch,
                              "step_in_epoch": pos, "step": step, "rng": rngs, "args": dataclasses.asdict(self.args),
-                             "time_s": self.elapsed()}, self.path)
+                             "n_train": self.sampler.n, "time_s": self.elapsed()}, self.path)
 
     def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
         """The step loop from start = (epoch, position in it, step): step_fn(batch, the images' indices) -> a tensor
         of the `metrics` (name -> format, None = JSON only), summed on the device and read back only when a line is
-        logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
-        args, world = self.args, self.world
-        epoch, pos, step = start
+        logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold. A checkpoint at
+        every epoch's end (before the kNN monitor), every --save-every steps, at the end, and at a stop signal."""
+        args, (epoch, pos, step) = self.args, start
         per_epoch = self.sampler.steps()
         total = min(args.max_steps or math.inf, args.epochs * per_epoch)
-        self.t_start, first, last, knn, done0 = time.perf_counter(), None, None, None, step
+        if step >= total:
+            self.log(f"nothing to do: {self.src} is at step {step}, where this run ends (--epochs {args.epochs}, "
+                     f"--max-steps {args.max_steps}); give more to train on")
+            return self.close()
+        self.t_start, self.first, self.last, self.total, knn, done0 = time.perf_counter(), None, None, total, None, step
         self.elapsed = lambda: (self.ckpt or {}).get("time_s", 0.0) + time.perf_counter() - self.t_start
-        while step < total and epoch < args.epochs:
-            lr = lr_of(epoch)
-            for m in state.values():  # the kNN monitor left the encoder in eval()
-                if isinstance(m, nn.Module):
-                    m.train()
-            self.sampler.epoch, self.sampler.skip = epoch, pos
-            it = self.batches(epoch)
-            t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-            while pos < per_epoch and step < total:
-                t0 = time.perf_counter()
-                batch, idx = next(it)
-                wait += time.perf_counter() - t0
-                vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
-                step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
-                saving = args.save_every and step % args.save_every == 0
-                if step % args.log_every == 0 or saving or pos == per_epoch or step == total:
-                    if world > 1:  # the mean over all ranks, not rank 0's share
-                        dist.all_reduce(sums)
-                        sums /= world
-                    m, dt = dict(zip(metrics, (sums / seen).tolist())), time.perf_counter() - t_last
-                    if not math.isfinite(m["loss"]):
-                        raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint "
-                                        f"({self.path}) is intact (try {nan_hint}, or without --amp)")
-                    first, last = first if first is not None else m["loss"], m["loss"]
-                    eta = (time.perf_counter() - self.t_start) / max(1, step - done0) * (total - step)
-                    shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
-                    self.log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} {shown} lr {lr:.4g} img/s "
-                             f"{seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
-                             step=step, epoch=epoch + pos / per_epoch, **m, lr=lr, img_s=seen * args.batch_size / dt,
-                             data_wait=wait / dt, time_s=self.elapsed())
-                    t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-                if saving:
-                    self.save(state, epoch, pos, step)
-            if pos == per_epoch:
-                epoch, pos = epoch + 1, 0
-                if args.knn_every and epoch % args.knn_every == 0:
+        self.eta = lambda s: (time.perf_counter() - self.t_start) / max(1, s - done0) * (total - s)
+        with StopOnSignals(args.save_on_signal, self.world, self.ctrl) as stop:
+            while step < total and epoch < args.epochs:
+                pos, step = self.steps(step_fn, state, metrics, lr_of(epoch), (epoch, pos, step), total, stop, nan_hint)
+                ended = pos == per_epoch
+                epoch, pos = (epoch + 1, 0) if ended else (epoch, pos)
+                self.save(state, epoch, pos, step)
+                monitor = ended and args.knn_every and epoch % args.knn_every == 0
+                if stop.now or monitor and stop.agreed(wait=True):  # no kNN pass once a rank has been signalled
+                    self.stopped(step)
+                if monitor:
                     knn = self.knn(knn_encoder, knn_name, f"epoch {epoch}", step, epoch)
-            self.save(state, epoch, pos, step)
-        if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
-            knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
-        loss_txt = "n/a" if first is None else f"{first:.4f} -> {last:.4f}"
+            if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
+                knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
+        loss_txt = "n/a" if self.first is None else f"{self.first:.4f} -> {self.last:.4f}"
         self.log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
                  f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
-        if world > 1:
-            dist.destroy_process_group()
+        self.close()
+
+    def steps(self, step_fn, state, metrics, lr, at, total, stop, nan_hint):
+        """The steps of one epoch from `at` = (epoch, position, step) until its end, `total` or an agreed stop ->
+        (position, step)."""
+        (epoch, pos, step), per_epoch = at, self.sampler.steps()
+        for m in state.values():  # the kNN monitor left the encoder in eval()
+            if isinstance(m, nn.Module):
+                m.train()
+        self.sampler.epoch, self.sampler.skip = epoch, pos
+        it = self.batches(epoch)
+        t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+        while pos < per_epoch and step < total and not stop.now:
+            t0 = time.perf_counter()
+            batch, idx = next(it)
+            wait += time.perf_counter() - t0
+            vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
+            step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
+            stopping, saving = stop.agreed(), self.args.save_every and step % self.args.save_every == 0
+            if stopping or saving or step % self.args.log_every == 0 or pos == per_epoch or step == total:
+                self.report(metrics, sums / seen, seen, time.perf_counter() - t_last, wait, epoch, pos, step, lr,
+                            nan_hint)
+                t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+            if saving and not stopping:  # a stop saves after the loop
+                self.save(state, epoch, pos, step)
+        return pos, step
+
+    def report(self, metrics, means, seen, dt, wait, epoch, pos, step, lr, nan_hint):
+        """One log line of the means over the last `seen` steps (over all ranks), and its JSON object."""
+        if self.world > 1:  # the mean over all ranks, not rank 0's share
+            dist.all_reduce(means)
+            means /= self.world
+        m = dict(zip(metrics, means.tolist()))
+        if not math.isfinite(m["loss"]):
+            raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint ({self.path}) is "
+                            f"intact (try {nan_hint}, or without --amp)")
+        self.first, self.last = self.first if self.first is not None else m["loss"], m["loss"]
+        shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
+        img_s = seen * self.args.batch_size / dt
+        self.log(f"epoch {epoch + 1}/{self.args.epochs} step {step}/{self.total} {shown} lr {lr:.4g} img/s {img_s:.0f} "
+                 f"data {100 * wait / dt:.0f}% eta {fmt_time(self.eta(step))}", step=step,
+                 epoch=epoch + pos / self.sampler.steps(), **m, lr=lr, img_s=img_s, data_wait=wait / dt,
+                 time_s=self.elapsed())
+
+    def stopped(self, step):
+        """After the checkpoint of `step`: one line, and out with PREEMPTED."""
+        self.log(f"stopped by {STOP['signal'] or 'a signal to another rank'} after step {step}: checkpoint "
+                 f"{self.path}; continue with --resume auto (exit status {PREEMPTED})")
+        self.close()
+        raise Preempted("")
 
     def knn(self, encode, name, when, step, epoch):
-        t0 = time.perf_counter()
-        knn = knn_accuracy(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        """The kNN monitor. The checkpoint is written before it: a stop signal during the pass ends the run at once."""
+        STOP["raise"] = "" if self.rank else (f"stopped by a signal during the kNN monitor after step {step}: "
+                                              f"checkpoint {self.path}; continue with --resume auto")
+        try:
+            t0 = time.perf_counter()
+            knn = knn_accuracy(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        finally:
+            STOP["raise"] = None
         knn_s = time.perf_counter() - t0
         self.log(f"{when} kNN top-1{name} {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn, knn_s=knn_s)
         return knn
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def lines_upto(path, step):
+    """The lines of a metrics.jsonl up to `step` (a resumed run logs the later ones again); [] without the file."""
+    if not os.path.exists(path):
+        return []
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:  # a torn last line of a run killed mid-write
+                pass
+    return keep
+
+
+def resumed_args(saved, given, src):
+    """A resumed run's arguments: the checkpoint's, then the flags given again -> (Args, a note per changed flag).
+    A change that would break the run (fixed_on_resume: the model's shape, the global batch, the data, the
+    mechanism) stops it in one line. --overwrite is never taken from the checkpoint."""
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
+    old = resolve(Args(**saved))
+    new = resolve(Args(**{**saved, "overwrite": False, **{k: v for k, v in given.items() if k != "preset"}}))
+    if given.get("preset", old.preset) != old.preset:
+        raise UserError(f"--preset {given['preset']}: {src} was trained with --preset {old.preset}; a resumed run keeps "
+                        "its checkpoint's settings (change single flags, or start a new run with another --out)")
+    fixed = [f"--{k.replace('_', '-')} {getattr(new, k)} (it has {getattr(old, k)})" for k in fixed_on_resume(old, new)]
+    if fixed:
+        raise UserError(f"{src} cannot go on with {', '.join(fixed)}: a resumed run keeps the model's shape, the global "
+                        "batch and the data; start a new run with another --out")
+    changed = [k for k in given if k not in ("preset", "resume") and getattr(new, k) != getattr(old, k)]
+    return new, [f"note: resumed with --{k.replace('_', '-')} {getattr(old, k)} -> {getattr(new, k)}" for k in changed]
 # --- end shared: run ---
 
 
@@ -1020,10 +1308,13 @@ class Run:
 # Appendix D. What class Run asks of this script: the checks of its flags, its automatic values, its --gpu-aug
 # preparation
 # ----------------------------------------------------------------------------------------------------
-def check_args(args, world):
+def check_args(args, world, device):
     """Values that make no sense stop here, before any work, in one line (exit 2). The parser has checked the
     choices (--estimator, --critic, ...)."""
     for bad, msg in [
+        (not (args.arch in ("basic32", "alex64") or args.arch.startswith("resnet") and hasattr(torchvision.models,
+                                                                                                args.arch)),
+         f"unknown --arch {args.arch!r}: basic32, alex64 or a torchvision ResNet name (resnet18, ...)"),
         (args.image_size < 8, f"--image-size {args.image_size} must be >= 8 (0 = the encoder's)"),
         (args.arch == "basic32" and args.image_size % 8 or args.arch == "alex64" and args.image_size != 64,
          f"--arch {args.arch} needs --image-size {64 if args.arch == 'alex64' else 'a multiple of 8'}"),
@@ -1041,11 +1332,24 @@ def check_args(args, world):
         (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
         (min(args.max_steps, args.save_every, args.knn_every) < 0,
          "--max-steps, --save-every and --knn-every must be >= 0"),
+        (bad_signals(args.save_on_signal), f"--save-on-signal {args.save_on_signal!r}: "
+                                           f"{bad_signals(args.save_on_signal)}"),
         (args.batch_size % world or args.batch_size // world < 2,  # needs the number of processes
          f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of 2 or more images"),
     ]:
         if bad:
             raise UserError(msg)
+
+
+# What a resumed run cannot change: the model's shape (the encoder, its input size, the critics: which objectives
+# have a weight), the batch (the data order and the step count depend on it) and the data set
+RESUME_FIXED = ("arch", "image_size", "y_dim", "mi_units", "critic", "global_critic", "global_layer", "batch_size",
+                "dataset")
+
+
+def fixed_on_resume(old, new):
+    return [k for k in RESUME_FIXED if getattr(old, k) != getattr(new, k)] + \
+        [k for k in ("alpha", "beta") if (getattr(old, k) > 0) != (getattr(new, k) > 0)]
 
 
 def resolve(args):

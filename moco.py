@@ -18,15 +18,22 @@ Commands
     python moco.py --mechanism memory-bank --epochs 5   # or a memory bank (Wu et al. 2018)
     python moco.py --shuffle-bn off                  # the batch-statistics leak of Appendix A.9
     python eval_linear.py --pretrained runs/moco/ckpt.pt
+    python convert.py runs/moco/ckpt.pt r18.pth      # a torchvision state dict (detectron2: .pkl)
 
-Deliberately left out: MoCo v3 (no queue, ViT), detectron2 export, LARS, online linear probe.
+Reading order: 1 arguments and presets, 2 the algorithm core (InfoNCE, the queue, the momentum encoder,
+shuffle-BN: copy this section alone into your code), 3 the paper's two rival mechanisms, 4 encoders, 5 the
+training loop; the appendices hold the plumbing shared with dim.py (data, kNN monitor, checkpoints, signals).
+
+Deliberately left out: MoCo v3 (no queue, ViT), LARS, an online linear probe.
 """
 import dataclasses
 import gzip
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -62,17 +69,27 @@ class Args:
     epochs: int = arg(200, "training epochs")
     batch_size: int = arg(256, "global batch (all ranks together), as the official -b")
     lr: float = arg(0.03, "base learning rate for the global batch (not rescaled by world size)")
-    workers: int = arg(4, "data loader processes per rank")
+    workers: int = arg(4, "data loader processes per rank (at most the CPUs the process may use)")
     device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     seed: int = arg(0, "random seed")
     resume: str = arg("", "checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
     max_steps: int = arg(0, "stop after this many global optimisation steps (0 = no limit)")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = end of epoch and end of run only)")
     log_every: int = arg(10, "log every N steps")
-    amp: bool = arg(False, "bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing); ignored on CPU")
+    amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 + a gradient scaler on GPUs without bf16) and TF32 "
+                           "on CUDA; on a CPU bf16 autocast, fast only on CPUs with bf16 units")
+    amp_dtype: str = arg("auto", "the autocast type of --amp; auto = bfloat16 where the device has it",
+                         ("auto", "bfloat16", "float16"))
     compile: bool = arg(False, "torch.compile the two encoders")
+    channels_last: str = arg("auto", "images and weights in channels-last memory order; auto = on a GPU",
+                             ("auto", "on", "off"))
     knn_every: int = arg(1, "kNN monitor every N epochs (0 = off)")
-    preset: str = arg("small", "named overrides, see PRESETS", ("small", "v1", "v2", "cifar"))
+    save_on_signal: str = arg("TERM,USR1", "signals that stop the run after the current step with a checkpoint (exit "
+                                           "status 75), e.g. from a scheduler; empty = none")
+    overwrite: bool = arg(False, "start a fresh run in an --out that holds another run's checkpoint (it is replaced)")
+    preset: str = arg("small", "a recipe the other flags override: small (ours: the built-in data on a CPU), v1 and v2 "
+                               "(main_moco.py's MoCo v1/v2), cifar (the official CIFAR-10 notebook)",
+                      ("small", "v1", "v2", "cifar"))
     # MoCo                                                # paper (v1): K=65536, m=0.999, T=0.07
     arch: str = arg("resnet50", "basic32 | a torchvision ResNet name (resnet18, resnet50, ...)")
     stem: str = arg("imagenet", "imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no max-pool",
@@ -84,8 +101,11 @@ class Args:
     mlp: bool = arg(False, "v2: 2-layer MLP head")
     symmetric: bool = arg(False, "symmetric loss of the CIFAR notebook (both crops as queries)")
     bn_splits: int = arg(1, "batch-norm groups of the global batch (official: 8 GPUs), divided among the processes")
-    bn: str = arg("shuffle", "shuffle-BN (official) or SyncBatchNorm (README caveat)", ("shuffle", "sync"))
-    fused: str = arg("auto", "fused InfoNCE + enqueue from the moco_ext extension", ("auto", "on", "off"))
+    bn: str = arg("shuffle", "shuffle: batch norm per group of the batch with the keys shuffled across the groups "
+                             "(official); sync: SyncBatchNorm over the global batch of all GPUs (ignores --bn-splits)",
+                  ("shuffle", "sync"))
+    fused: str = arg("auto", "fused InfoNCE + enqueue from the moco_ext extension (csrc/); auto = where it is built "
+                             "and, on a GPU, expected to be faster (TF32 allowed, as with --amp)", ("auto", "on", "off"))
     # the dictionary (paper Sec. 3.2, Fig. 3): the same InfoNCE and T for the three mechanisms
     mechanism: str = arg("moco", "moco: queue + momentum encoder; end-to-end: keys = the current batch, with "
                                  "gradients, K = global batch - 1; memory-bank: Wu et al. 2018, K from --moco-k",
@@ -96,7 +116,9 @@ class Args:
     # optimisation and augmentation
     momentum: float = arg(0.9, "SGD momentum")
     wd: float = arg(1e-4, "weight decay")
-    schedule: str = arg("step", "learning-rate schedule, set once per epoch as the official code", ("step", "cos"))
+    schedule: str = arg("step", "learning-rate schedule, set once per epoch: step, cos (main_moco.py: epochs counted "
+                                "from 0) or cos-notebook (the CIFAR notebook: from 1, its last epoch at lr 0)",
+                        ("step", "cos", "cos-notebook"))
     milestones: str = arg("120,160", "epochs at which the step schedule multiplies the lr by 0.1")
     aug: str = arg("v1", "augmentation", ("v1", "v2", "cifar"))
     crop_min: float = arg(0.2, "smallest RandomResizedCrop scale")
@@ -120,9 +142,10 @@ PRESETS = {
                epochs=200, batch_size=256, aug="v2", crop_min=0.2, image_size=224, bn_splits=8, knn_every=10),
     # the official CIFAR-10 notebook (colab/moco_cifar10_demo.ipynb)
     "cifar": dict(arch="resnet18", stem="cifar", moco_dim=128, moco_k=4096, moco_m=0.99, moco_t=0.1,
-                  mlp=False, lr=0.06, momentum=0.9, wd=5e-4, schedule="cos", epochs=200, batch_size=512,
+                  mlp=False, lr=0.06, momentum=0.9, wd=5e-4, schedule="cos-notebook", epochs=200, batch_size=512,
                   aug="cifar", crop_min=0.08, image_size=32, bn_splits=8, symmetric=False),
-    # ours, for the built-in data on a CPU: the notebook recipe with DIM's small 32x32 encoder
+    # ours, for the built-in data on a CPU: the notebook recipe with DIM's small 32x32 encoder (cosine counted
+    # from epoch 0 as main_moco.py)
     "small": dict(arch="basic32", stem="cifar", moco_dim=128, moco_k=4096, moco_m=0.99, moco_t=0.1,
                   mlp=False, lr=0.06, momentum=0.9, wd=5e-4, schedule="cos", epochs=5, batch_size=256,
                   aug="cifar", crop_min=0.2, image_size=32, bn_splits=8, workers=2),
@@ -155,6 +178,11 @@ def at_least_fp32(x):
     """Half-precision outputs (autocast) -> float32; float32 and float64 stay as they are, so a float64 model
     computes in float64 (how this code is checked against the official builder step by step)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def world_info():
+    """(rank, number of processes): (0, 1) unless torch.distributed is initialised (torchrun)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 @torch.no_grad()
@@ -198,7 +226,9 @@ def batch_shuffle(x, enabled=True):
 class MoCo(nn.Module):
     """The official builder's model: same constructor, state-dict keys and forward, plus keyword options
     (symmetric loss, fused op, shuffle-BN off) whose defaults keep the official behaviour, and training_loss() +
-    update_dictionary() for the training step, the interface of the two rival mechanisms below."""
+    update_dictionary() for the training step, the interface of the two rival mechanisms below. forward() is the
+    builder's asymmetric API and refuses symmetric=True, whose loss (the notebook's sum of both directions) only
+    training_loss() computes."""
 
     def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False, fused=None,
                  shuffle_bn=True):
@@ -259,6 +289,8 @@ class MoCo(nn.Module):
     def forward(self, im_q, im_k):
         """Official: -> (logits [N, 1+K], labels [N] of zeros); the keys are enqueued before it returns, so the
         logits read a copy of the queue."""
+        if self.symmetric:
+            raise ValueError("MoCo(symmetric=True): forward() is the official asymmetric API; use training_loss()")
         with torch.no_grad():
             self._momentum_update_key_encoder()
         q, k = self._query_and_key(im_q, im_k)  # (N, C) each
@@ -357,7 +389,7 @@ class MemoryBank(nn.Module):
     """MoCo's second rival (Sec. 3.2, Fig. 2b; Wu et al. 2018, arXiv 1805.01978): one L2-normalised feature
     per training image, initialised as random unit vectors (Wu et al. Sec. 3.1). Query n's positive is its own
     image's entry, written at the image's last visit; K negatives are drawn uniformly from the bank each step,
-    the same for the whole batch; no gradient reaches the bank; after the step each entry of the batch becomes
+    the same for the whole batch (negatives()); no gradient reaches the bank; after the step each entry of the batch becomes
     normalise(t * entry + (1 - t) * q) (lemniscate.pytorch, lib/NCEAverage.py, t = 0.5). One crop per image, no
     momentum encoder, no shuffle-BN (nothing is encoded for the keys). Identical on every rank by construction."""
 
@@ -376,6 +408,8 @@ class MemoryBank(nn.Module):
         entries, so a query can meet its positive among its negatives (1 - (1 - 1/N)^K of them do: 24% at K 16384
         and 60,000 images); leaving the batch out removes that without changing the distribution of the others."""
         B = len(idx_all)
+        # NOTE(deviation): one draw of K for the whole batch; lemniscate draws K per query, whose gathered negatives
+        # (N, K, C) would take 2 GB at N 256, K 16384, C 128 (and a batched product), against (C, K) once here
         r = torch.randint(self.bank.shape[1] - B, (self.K,), device=idx_all.device)  # (K,) ranks among the rest
         taken = idx_all.sort().values - torch.arange(B, device=idx_all.device)  # (B,) nondecreasing
         neg = r + torch.searchsorted(taken, r, right=True)  # (K,) the r-th index not in the batch
@@ -428,19 +462,23 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training or S == 1:
             return super().forward(x)
         if N % S or N // S < 2:
-            raise UserError(f"batch of {N} cannot be split into {S} batch-norm groups of 2 or more images")
-        xs = x.unflatten(0, (S, N // S))  # (S, N/S, C, ...), a view in any memory format
-        dims = [1] + list(range(3, xs.dim()))  # all but the group and the channel
-        var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)  # (S, 1, C, 1, ...) each
-        shape = [1, 1, -1] + [1] * (xs.dim() - 3)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)  # (S, 1, C, 1, ...)
-        y = (xs - mean) * scale + self.bias.view(shape)  # (S, N/S, C, ...)
+            raise ValueError(f"batch of {N} cannot be split into {S} batch-norm groups of 2 or more images")
+        # statistics and normalisation in float32 also under autocast (as BatchNorm2d's kernels), output in x's type
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x.unflatten(0, (S, N // S))  # (S, N/S, C, ...), a view in any memory format
+            xs = xs.float() if xs.dtype in (torch.float16, torch.bfloat16) else xs
+            dims = [1] + list(range(3, xs.dim()))  # all but the group and the channel
+            var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)  # (S, 1, C, 1, ...) each
+            shape = [1, 1, -1] + [1] * (xs.dim() - 3)
+            scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)  # (S, 1, C, 1, ...)
+            y = (xs - mean) * scale + self.bias.view(shape)  # (S, N/S, C, ...)
         with torch.no_grad():  # running statistics: the average over the groups (unbiased variance, as BN)
             n = xs[0].numel() // xs.shape[2]  # values per channel in one group
-            self.running_mean.lerp_(mean.reshape(S, -1).mean(0), self.momentum)
-            self.running_var.lerp_(var.reshape(S, -1).mean(0) * (n / (n - 1)), self.momentum)
+            self.running_mean.lerp_(mean.reshape(S, -1).mean(0).to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var.reshape(S, -1).mean(0) * (n / (n - 1))).to(self.running_var.dtype),
+                                   self.momentum)
             self.num_batches_tracked.add_(1)
-        return y.flatten(0, 1)  # (N, C, ...)
+        return y.flatten(0, 1).to(x.dtype)  # (N, C, ...)
 
 
 class Basic32(nn.Module):
@@ -463,19 +501,18 @@ class Basic32(nn.Module):
 
 
 def build_encoder(arch, stem="imagenet", bn_splits=1, sync=False, num_classes=128):
-    """base_encoder(num_classes) as in the official builder, with the notebook's CIFAR stem and split BN."""
+    """base_encoder(num_classes) as in the official builder, with the notebook's CIFAR stem and split BN (or
+    SyncBatchNorm: batch norm over the global batch of all processes)."""
     norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
     if arch == "basic32":
         net = Basic32(num_classes, norm_layer=norm)
-    elif arch.startswith("resnet") or arch.startswith("wide_resnet") or arch.startswith("resnext"):
-        if not hasattr(torchvision.models, arch):
-            raise UserError(f"unknown --arch {arch!r}")
+    elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
         net = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm)
         if stem == "cifar":  # the notebook: 3x3 stride-1 first conv and no max-pool
             net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
     else:
-        raise UserError(f"unknown --arch {arch!r}: basic32 or a torchvision ResNet name")
+        raise ValueError(f"unknown arch {arch!r}: basic32 or a torchvision ResNet name")
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
 
 
@@ -509,7 +546,8 @@ def train_step(net, model, opt, scaler, inputs, amp_dtype):
 def build_model(args, n_images, world, fused):
     """The --mechanism's model: MoCo, or one of its two rivals with the same encoder, head, InfoNCE and T."""
     # --bn-splits counts the groups of the global batch (the official run: 8 GPUs); each rank holds its share
-    base = partial(build_encoder, args.arch, args.stem, args.bn_splits // world, args.bn == "sync" and world > 1)
+    sync = args.bn == "sync"
+    base = partial(build_encoder, args.arch, args.stem, 1 if sync else args.bn_splits // world, sync)
     shuffle = args.shuffle_bn == "on"
     if args.mechanism == "end-to-end":
         return EndToEnd(base, args.moco_dim, args.moco_t, args.mlp, shuffle)
@@ -525,7 +563,11 @@ def train(argv=None):
     if args.mechanism == "memory-bank" and args.batch_size >= run.sampler.n:
         raise UserError(f"--mechanism memory-bank draws its negatives from the images outside the batch: "
                         f"--batch-size {args.batch_size} leaves none of the {run.sampler.n}")
-    fused = load_fused(args.fused, device) if args.mechanism != "end-to-end" else None
+    if args.bn == "sync":
+        run.log(f"note: --bn sync: batch norm over the global batch of {world} process(es)"
+                + (f"; --bn-splits {args.bn_splits} is ignored" if args.bn_splits > 1 else "")
+                + ("; on one process the keys' statistics include their positives (no shuffle-BN)" if world == 1 else ""))
+    fused = load_fused(args.fused, device, run.log) if args.mechanism != "end-to-end" else None
     model = build_model(args, run.sampler.n, world, fused).to(device, memory_format=run.fmt)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                           momentum=args.momentum, weight_decay=args.wd)
@@ -552,9 +594,10 @@ def train(argv=None):
 
 
 def adjust_lr(opt, epoch, args):
-    """main_moco.py: set once per epoch; cosine or x0.1 at each milestone."""
-    if args.schedule == "cos":
-        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    """main_moco.py: set once per epoch; cosine or x0.1 at each milestone. Epochs count from 0 (main_moco.py); the
+    CIFAR notebook counts from 1, so its first epoch is already decayed and its last at lr 0 (cos-notebook)."""
+    if args.schedule in ("cos", "cos-notebook"):
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch + (args.schedule == "cos-notebook")) / args.epochs))
     else:
         lr = args.lr * 0.1 ** sum(epoch >= int(m) for m in args.milestones.split(",") if m)
     for g in opt.param_groups:
@@ -563,6 +606,9 @@ def adjust_lr(opt, epoch, args):
 
 
 # --- shared: main ---
+PREEMPTED = 75  # exit status of a run stopped by --save-on-signal after writing its checkpoint (EX_TEMPFAIL: try again)
+
+
 def main(argv=None):
     try:
         train(argv)
@@ -576,6 +622,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a stop signal, or a peer of torchrun that stopped (its collective failed) meanwhile
+        if not isinstance(e, Preempted) and STOP["signal"] is None:
+            raise
+        if str(e):
+            print(str(e), file=sys.stderr)
+        sys.exit(PREEMPTED)
 # --- end shared: main ---
 
 
@@ -757,10 +809,19 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def loader(ds, batch, workers, sampler=None, device=None):
-    # its own generator: starting an epoch must not draw from the global RNG, or a resumed run would differ
+    """A DataLoader with at most as many processes as this process may use CPUs (more only slow it down), and its
+    own generator: starting an epoch must not draw from the global RNG, or a resumed run would differ."""
     return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, drop_last=False,
-                                       num_workers=workers, pin_memory=device is not None and device.type == "cuda",
+                                       num_workers=min(workers, usable_cpus()), worker_init_fn=leave_stop_signals,
+                                       pin_memory=device is not None and device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(0))
+
+
+def leave_stop_signals(_):
+    """A loader process ignores the stop signals (a scheduler may signal the whole process group): the run saves
+    and stops; the loader processes end with it."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 # --- end shared: data ---
 
 
@@ -873,6 +934,69 @@ class UserError(Exception):
     """An error the user can fix; main() prints it as one line."""
 
 
+class Preempted(Exception):
+    """A stop signal ended the run after its checkpoint was written; main() exits with PREEMPTED."""
+
+
+STOP = {"signal": None, "raise": None}  # the stop signal received, and the message to raise at once (kNN monitor)
+
+
+class StopOnSignals:
+    """--save-on-signal: while the run trains, each of these signals (SIGTERM from a scheduler, SIGUSR1 ahead of a
+    time limit) asks it to stop after the current optimisation step instead of dying. Under torchrun every rank must
+    stop at the same step: each step's flags are combined (max) over the ranks while the next step runs, so every
+    rank reads the same answer one step later, with no wait on the hot path. The previous handlers come back on exit."""
+
+    def __init__(self, names, world=1, group=None):
+        self.names = [n.strip().upper().removeprefix("SIG") for n in names.split(",") if n.strip()]
+        self.world, self.group, self.pending, self.old, self.now = world, group, None, {}, False
+
+    def __enter__(self):
+        STOP.update({"signal": None, "raise": None})
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers in the main thread only
+            for name in self.names:
+                self.old[name] = signal.signal(getattr(signal, "SIG" + name), self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        for name, old in self.old.items():
+            signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL if old is None else old)
+        if self.pending is not None and exc[0] is None:
+            self.pending.wait()
+
+    @staticmethod
+    def handler(signum, frame):
+        STOP["signal"] = STOP["signal"] or signal.Signals(signum).name
+        if STOP["raise"] is not None:  # inside the kNN monitor: the checkpoint is written, leave at once
+            raise Preempted(STOP["raise"])
+
+    def agreed(self, wait=False):
+        """-> whether the run must stop now: the same answer on every rank at the same step. The flags are combined
+        (max) over the ranks while the next step runs; wait=True combines them at once (before the kNN monitor)."""
+        if self.world == 1:
+            self.now = STOP["signal"] is not None
+            return self.now
+        seen = False
+        if self.pending is not None:  # the flags of the step before
+            self.pending.wait()
+            seen = bool(self.flag.item())
+        self.flag = torch.tensor([STOP["signal"] is not None], dtype=torch.int32)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        if wait:
+            self.pending.wait()
+            seen, self.pending = seen or bool(self.flag.item()), None
+        self.now = seen
+        return seen
+
+
+def bad_signals(names):
+    """'' if every name of --save-on-signal is a signal a run can catch, else what is wrong."""
+    for name in filter(None, (n.strip().upper().removeprefix("SIG") for n in names.split(","))):
+        if name in ("KILL", "STOP") or not isinstance(getattr(signal, "SIG" + name, None), signal.Signals):
+            return f"{name} is not a signal a process can catch (e.g. TERM, USR1, USR2, INT)"
+    return ""
+
+
 def setup_device(args):
     """Device, rank and world size; one code path for CPU, one GPU and torchrun (NCCL on GPU, gloo on CPU)."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -884,25 +1008,82 @@ def setup_device(args):
         local = int(os.environ.get("LOCAL_RANK", 0))
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # torchrun's store (the agent's, or rank 0's), our keys under the restart count: after --max-restarts
+        # restarted the workers, the process group must not read the dead workers' addresses from the same store
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        if not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+            raise UserError("RANK and WORLD_SIZE are set, MASTER_ADDR and MASTER_PORT are not: launch with torchrun")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=not agent and rank == 0, multi_tenant=True)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"run{attempt}/", store),
+                                rank=rank, world_size=world)
     if use_cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed + rank)
     return torch.device("cuda", local) if use_cuda else torch.device("cpu"), rank, world
 
 
-def world_info():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+def usable_cpus():
+    """The CPUs this process may use, shared by the processes torchrun started on this machine."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+class WholeWrites:
+    """An unbuffered file whose write() writes every byte or raises the OSError that stopped it: a short write (a
+    file-size limit, a full disk) would reach torch.save's writer as a mere position mismatch."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        view = memoryview(b).cast("B")
+        try:
+            while view:
+                view = view[self.f.write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(b)
+
+    def flush(self):
+        pass
+
+
+def replace_file(path, write, what="file"):
+    """write(f) into a temporary file beside `path`, fsync, rename: `path` is either the old file or the new one,
+    never half of one. A failed write (disk full, quota, file-size limit) removes the temporary file and stops the
+    run in one line; the old file stays as it was."""
+    tmp, f = f"{path}.tmp.{os.getpid()}", None
+    try:
+        with open(tmp, "wb", buffering=0) as raw:
+            f = WholeWrites(raw)
+            write(f)
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        e = f.error if f is not None and f.error is not None else e
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise UserError(f"cannot write {what} {path}: {cause}; the previous one is intact") from None
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, fsync, then rename: a crash or kill never leaves a broken ckpt.pt."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda f: torch.save(state, f), "checkpoint")
+
+
+def append_line(path, line):
+    """One line at the end of a text file, whole or not at all (a failed write is cut off again)."""
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write((line + "\n").encode())
+            f.flush()
+        except OSError as e:
+            f.truncate(size)
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load_checkpoint(path, algo=None):
@@ -929,86 +1110,136 @@ def rng_states(device):
 
 
 def set_rng_state(states, device):
-    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes."""
+    """Restore this rank's random state -> False when the checkpoint was saved by another number of processes: then
+    the ranks it has a state for take it (rank 0, which draws the shuffle-BN permutation and the memory bank's
+    negatives for all, goes on as it would have), the others go on from their own."""
     rank, world = world_info()
     states = [states] if isinstance(states, dict) else states  # checkpoints before per-rank states: one state
-    if len(states) != world:
-        return False
-    torch.set_rng_state(states[rank]["torch"])
-    if device.type == "cuda" and states[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        if device.type == "cuda" and states[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return len(states) == world
 
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def shown_default(f, presets, preset):
+    """--help's default of field f: the default preset's value, and where another preset sets another."""
+    def fmt(v):
+        return ("on" if v else "off") if isinstance(v, bool) else repr(v) if v in ("", None) else str(v)
+    value = presets.get(preset, {}).get(f.name, f.default)
+    others = {}
+    for name, p in presets.items():
+        v = p.get(f.name, f.default)
+        if name != preset and v != value:
+            others.setdefault(fmt(v), []).append(name)
+    by = f" with --preset {preset}" if f.name in presets.get(preset, {}) else ""
+    return f"(default {fmt(value)}{by}" + "".join(f"; {', '.join(n)}: {v}" for v, n in others.items()) + ")"
+
+
 def parse_args(argv=None, cls=None, presets=None):
     """-> (cls(...), the flags given): dataclass defaults <- preset <- flags on the command line. Every script's
-    parser (moco.py, dim.py, eval_linear.py, study.py): a field's `choices` are checked, errors are one line."""
+    parser (moco.py, dim.py, eval_linear.py, study.py): a field's `choices` are checked, errors are one line, and
+    --help shows each flag's effective default (a help text that states its default itself keeps its own words)."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             raise UserError(message)
     cls, presets = cls or Args, PRESETS if presets is None else presets
+    preset = getattr(cls, "preset", None)
     p = Parser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        name, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse formats %
+        name, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        text = (text if "default" in text else f"{text} {shown_default(f, presets, preset)}").replace("%", "%%")
         if f.type is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(name, type=f.type, choices=f.metadata["choices"], help=f"{text} (default {f.default!r})")
+            p.add_argument(name, type=f.type, choices=f.metadata["choices"], help=text)
     given = vars(p.parse_args(argv))
-    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})  # the parser checked its name
-    return cls(**{**preset, **given}), given
+    chosen = presets.get(given.get("preset", preset), {})  # the parser checked its name
+    return cls(**{**chosen, **given}), given
 # --- end shared: utilities ---
 
 
 # --- shared: run ---
 class Run:
     """The plumbing of one training run, the same in moco.py and dim.py: arguments (a resumed run takes its
-    checkpoint's, then the flags given again), checks before any work, device and torchrun, output folder and
-    log, data, resume, the step loop with logging, checkpoints and the kNN monitor. The script's train() builds
-    the model and hands fit() a function that takes one optimisation step."""
+    checkpoint's, then the flags given again, and says what changed), checks before any work, device and torchrun,
+    the output folder (never another run's) and its log, data, resume, the step loop with logging, checkpoints, the
+    kNN monitor and stop signals. The script's train() builds the model and hands fit() a function that takes one
+    optimisation step."""
 
     def __init__(self, argv, algo):
         args, given = parse_args(argv)
-        self.algo, self.path, self.ckpt, self.src = algo, os.path.join(args.out, "ckpt.pt"), None, None
+        self.algo, self.path, self.ckpt, self.src, notes = algo, os.path.join(args.out, "ckpt.pt"), None, None, []
         if args.resume:
             self.src = self.path if args.resume == "auto" else args.resume
             if args.resume != "auto" or os.path.exists(self.src):
                 self.ckpt = load_checkpoint(self.src, algo)
-                args = Args(**{**self.ckpt["args"], **{k: v for k, v in given.items() if k != "preset"}})
+                args, notes = resumed_args(self.ckpt["args"], given, self.src)
         self.args = args = resolve(args)
         self.device, self.rank, self.world = setup_device(args)
-        check_args(args, self.world)
-        if self.rank == 0:
-            try:
-                os.makedirs(args.out, exist_ok=True)
-            except OSError as e:  # a file, no permission
-                raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=1)
+        check_args(args, self.world, self.device)
+        # stop signals are agreed on with a CPU tensor over gloo: no wait on the GPU
+        self.ctrl = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
+        self.prepare_out()
         self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+        for note in notes:
+            self.log(note)
         if self.ckpt is None and args.resume == "auto":
             self.log(f"note: --resume auto found no {self.path}; starting fresh")
-        self.amp_dtype = None
-        if args.amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = self.autocast_dtype()
+        last = args.channels_last == "on" or args.channels_last == "auto" and self.device.type == "cuda"
+        self.fmt = torch.channels_last if last else torch.contiguous_format
+
+    def autocast_dtype(self):
+        """--amp: bf16 autocast where the device has it (CUDA GPUs from Ampere on, every CPU), else fp16 with a
+        gradient scaler, and TF32 matrix products on CUDA; --amp-dtype chooses. None without --amp."""
+        args = self.args
+        if not args.amp:
+            return None
+        dtype = getattr(torch, args.amp_dtype) if args.amp_dtype != "auto" else torch.float16 \
+            if self.device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        elif args.amp:
-            self.log("note: --amp is ignored on the CPU")
-        self.fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        else:
+            name = str(dtype).removeprefix("torch.")
+            self.log(f"note: --amp on the CPU: {name} autocast, fast only on CPUs with native {name} arithmetic")
+        return dtype
+
+    def prepare_out(self):
+        """The output folder is never another run's: a fresh run into a folder holding a checkpoint stops, unless
+        --overwrite. args.json is written; metrics.jsonl starts anew, or a resumed run keeps its lines up to the
+        checkpoint's step (a line logged after the checkpoint was written would otherwise appear twice)."""
+        args = self.args
+        own = self.ckpt is not None and os.path.abspath(self.src) == os.path.abspath(self.path)
+        if not own and not args.overwrite and os.path.exists(self.path):
+            raise UserError(f"--out {args.out} already holds a run ({self.path}): continue it with --resume auto, "
+                            "choose another --out, or add --overwrite to start over")
+        if self.rank != 0:
+            return
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            if not own and os.path.exists(self.path):  # --overwrite
+                os.remove(self.path)
+        except OSError as e:  # a file, no permission
+            raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
+        replace_file(os.path.join(args.out, "args.json"),
+                     lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=1).encode()), "arguments")
+        metrics = os.path.join(args.out, "metrics.jsonl")
+        keep = lines_upto(metrics, self.ckpt["step"]) if own else []
+        replace_file(metrics, lambda f: f.write("".join(keep).encode()), "metrics")
 
     def log(self, text, **metrics):
         """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
             if metrics:
-                with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_line(os.path.join(self.args.out, "metrics.jsonl"), json.dumps(metrics))
 
     def data(self):
         """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
@@ -1019,13 +1250,16 @@ class Run:
             raise UserError("the training set is empty")
         if args.batch_size > len(train_set):
             raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+        if self.ckpt is not None and self.ckpt.get("n_train", len(train_set)) != len(train_set):
+            raise UserError(f"the training set has {len(train_set)} images and {self.src}'s had {self.ckpt['n_train']}: "
+                            "a resumed run needs the same data (its steps and data order depend on it)")
         train_tf, self.test_tf = transforms(args, stats)
         self.sampler = EpochSampler(len(train_set), args.batch_size // self.world, args.seed, self.rank, self.world)
         self.loader = loader(Seeded(train_set, train_tf), self.sampler.batch, args.workers, self.sampler, device)
         hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
         self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
         self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
-        self.gpu_batches = None  # --gpu-aug, speed only: gpu_aug.py, imported on that path alone (README "Speed")
+        self.gpu_batches = None  # --gpu-aug, speed only: gpu_aug.py, imported on that path alone
         if args.gpu_aug != "off":
             try:
                 import gpu_aug
@@ -1036,19 +1270,22 @@ class Run:
                     raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
         some = f" ({len(self.bank_set)} labelled: the kNN bank)" if len(self.bank_set or train_set) < len(train_set) \
             else ""
+        workers = min(args.workers, usable_cpus())
+        how = "read" if getattr(args, "aug", "") == "none" else "augmented"
         self.log(f"data: {len(train_set)} images{some}, " + (
-            f"uint8 on {device}, augmented there in batches (gpu_aug.py)" if self.gpu_batches else
-            f"augmented by the CPU loader with {args.workers} workers"))
+            f"uint8 on {device}, {how} there in batches (gpu_aug.py)" if self.gpu_batches else
+            f"{how} by the CPU loader with {workers} workers"
+            + (f" (--workers {args.workers}: more than the {usable_cpus()} CPUs this process may use)"
+               if workers < args.workers else "")))
 
     def batches(self, epoch):
         """The rest of the epoch's batches on the device: (a tensor (B, 3, S, S) or a tuple of views, the images'
         indices in the training set (B,))."""
         idx = torch.tensor([i for i, _ in self.sampler], device=self.device).view(-1, self.sampler.batch)
-        if self.gpu_batches is not None:
-            yield from zip(self.gpu_batches(epoch), idx)
-            return
-        for (x, _), i in zip(self.loader, idx):  # x: a tensor, or a list of views
-            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt) for v in (x if type(x) is list else [x])]
+        views = self.gpu_batches(epoch) if self.gpu_batches is not None else (x for x, _ in self.loader)
+        for x, i in zip(views, idx):  # x: a tensor, or a list or tuple of views
+            x = [v.to(self.device, non_blocking=True, memory_format=self.fmt)
+                 for v in (x if isinstance(x, (list, tuple)) else [x])]
             yield tuple(x) if len(x) > 1 else x[0], i
 
     def restore(self, state):
@@ -1063,8 +1300,8 @@ class Run:
             except (RuntimeError, ValueError, KeyError) as e:
                 raise UserError(f"{self.src} does not match these settings ({name}): {str(e).splitlines()[0]}")
         if not set_rng_state(self.ckpt["rng"], self.device):
-            self.log(f"note: {self.src} was saved by another number of processes: each rank goes on from its current "
-                     "random state (the data order and augmentations do not depend on it)")
+            self.log(f"note: {self.src} was saved by another number of processes: the ranks beyond its own go on "
+                     "from their current random state (the data order and augmentations do not depend on it)")
         self.log(f"resumed from {self.src} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}")
         return self.ckpt["epoch"], self.ckpt["step_in_epoch"], self.ckpt["step"]
 
@@ -1073,70 +1310,139 @@ class Run:
         if self.rank == 0:
             save_checkpoint({"algo": self.algo, **{k: v.state_dict() for k, v in state.items()}, "epoch": epoch,
                              "step_in_epoch": pos, "step": step, "rng": rngs, "args": dataclasses.asdict(self.args),
-                             "time_s": self.elapsed()}, self.path)
+                             "n_train": self.sampler.n, "time_s": self.elapsed()}, self.path)
 
     def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
         """The step loop from start = (epoch, position in it, step): step_fn(batch, the images' indices) -> a tensor
         of the `metrics` (name -> format, None = JSON only), summed on the device and read back only when a line is
-        logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold."""
-        args, world = self.args, self.world
-        epoch, pos, step = start
+        logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold. A checkpoint at
+        every epoch's end (before the kNN monitor), every --save-every steps, at the end, and at a stop signal."""
+        args, (epoch, pos, step) = self.args, start
         per_epoch = self.sampler.steps()
         total = min(args.max_steps or math.inf, args.epochs * per_epoch)
-        self.t_start, first, last, knn, done0 = time.perf_counter(), None, None, None, step
+        if step >= total:
+            self.log(f"nothing to do: {self.src} is at step {step}, where this run ends (--epochs {args.epochs}, "
+                     f"--max-steps {args.max_steps}); give more to train on")
+            return self.close()
+        self.t_start, self.first, self.last, self.total, knn, done0 = time.perf_counter(), None, None, total, None, step
         self.elapsed = lambda: (self.ckpt or {}).get("time_s", 0.0) + time.perf_counter() - self.t_start
-        while step < total and epoch < args.epochs:
-            lr = lr_of(epoch)
-            for m in state.values():  # the kNN monitor left the encoder in eval()
-                if isinstance(m, nn.Module):
-                    m.train()
-            self.sampler.epoch, self.sampler.skip = epoch, pos
-            it = self.batches(epoch)
-            t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-            while pos < per_epoch and step < total:
-                t0 = time.perf_counter()
-                batch, idx = next(it)
-                wait += time.perf_counter() - t0
-                vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
-                step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
-                saving = args.save_every and step % args.save_every == 0
-                if step % args.log_every == 0 or saving or pos == per_epoch or step == total:
-                    if world > 1:  # the mean over all ranks, not rank 0's share
-                        dist.all_reduce(sums)
-                        sums /= world
-                    m, dt = dict(zip(metrics, (sums / seen).tolist())), time.perf_counter() - t_last
-                    if not math.isfinite(m["loss"]):
-                        raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint "
-                                        f"({self.path}) is intact (try {nan_hint}, or without --amp)")
-                    first, last = first if first is not None else m["loss"], m["loss"]
-                    eta = (time.perf_counter() - self.t_start) / max(1, step - done0) * (total - step)
-                    shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
-                    self.log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} {shown} lr {lr:.4g} img/s "
-                             f"{seen * args.batch_size / dt:.0f} data {100 * wait / dt:.0f}% eta {fmt_time(eta)}",
-                             step=step, epoch=epoch + pos / per_epoch, **m, lr=lr, img_s=seen * args.batch_size / dt,
-                             data_wait=wait / dt, time_s=self.elapsed())
-                    t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-                if saving:
-                    self.save(state, epoch, pos, step)
-            if pos == per_epoch:
-                epoch, pos = epoch + 1, 0
-                if args.knn_every and epoch % args.knn_every == 0:
+        self.eta = lambda s: (time.perf_counter() - self.t_start) / max(1, s - done0) * (total - s)
+        with StopOnSignals(args.save_on_signal, self.world, self.ctrl) as stop:
+            while step < total and epoch < args.epochs:
+                pos, step = self.steps(step_fn, state, metrics, lr_of(epoch), (epoch, pos, step), total, stop, nan_hint)
+                ended = pos == per_epoch
+                epoch, pos = (epoch + 1, 0) if ended else (epoch, pos)
+                self.save(state, epoch, pos, step)
+                monitor = ended and args.knn_every and epoch % args.knn_every == 0
+                if stop.now or monitor and stop.agreed(wait=True):  # no kNN pass once a rank has been signalled
+                    self.stopped(step)
+                if monitor:
                     knn = self.knn(knn_encoder, knn_name, f"epoch {epoch}", step, epoch)
-            self.save(state, epoch, pos, step)
-        if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
-            knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
-        loss_txt = "n/a" if first is None else f"{first:.4f} -> {last:.4f}"
+            if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
+                knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
+        loss_txt = "n/a" if self.first is None else f"{self.first:.4f} -> {self.last:.4f}"
         self.log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
                  f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
-        if world > 1:
-            dist.destroy_process_group()
+        self.close()
+
+    def steps(self, step_fn, state, metrics, lr, at, total, stop, nan_hint):
+        """The steps of one epoch from `at` = (epoch, position, step) until its end, `total` or an agreed stop ->
+        (position, step)."""
+        (epoch, pos, step), per_epoch = at, self.sampler.steps()
+        for m in state.values():  # the kNN monitor left the encoder in eval()
+            if isinstance(m, nn.Module):
+                m.train()
+        self.sampler.epoch, self.sampler.skip = epoch, pos
+        it = self.batches(epoch)
+        t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+        while pos < per_epoch and step < total and not stop.now:
+            t0 = time.perf_counter()
+            batch, idx = next(it)
+            wait += time.perf_counter() - t0
+            vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
+            step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
+            stopping, saving = stop.agreed(), self.args.save_every and step % self.args.save_every == 0
+            if stopping or saving or step % self.args.log_every == 0 or pos == per_epoch or step == total:
+                self.report(metrics, sums / seen, seen, time.perf_counter() - t_last, wait, epoch, pos, step, lr,
+                            nan_hint)
+                t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
+            if saving and not stopping:  # a stop saves after the loop
+                self.save(state, epoch, pos, step)
+        return pos, step
+
+    def report(self, metrics, means, seen, dt, wait, epoch, pos, step, lr, nan_hint):
+        """One log line of the means over the last `seen` steps (over all ranks), and its JSON object."""
+        if self.world > 1:  # the mean over all ranks, not rank 0's share
+            dist.all_reduce(means)
+            means /= self.world
+        m = dict(zip(metrics, means.tolist()))
+        if not math.isfinite(m["loss"]):
+            raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint ({self.path}) is "
+                            f"intact (try {nan_hint}, or without --amp)")
+        self.first, self.last = self.first if self.first is not None else m["loss"], m["loss"]
+        shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
+        img_s = seen * self.args.batch_size / dt
+        self.log(f"epoch {epoch + 1}/{self.args.epochs} step {step}/{self.total} {shown} lr {lr:.4g} img/s {img_s:.0f} "
+                 f"data {100 * wait / dt:.0f}% eta {fmt_time(self.eta(step))}", step=step,
+                 epoch=epoch + pos / self.sampler.steps(), **m, lr=lr, img_s=img_s, data_wait=wait / dt,
+                 time_s=self.elapsed())
+
+    def stopped(self, step):
+        """After the checkpoint of `step`: one line, and out with PREEMPTED."""
+        self.log(f"stopped by {STOP['signal'] or 'a signal to another rank'} after step {step}: checkpoint "
+                 f"{self.path}; continue with --resume auto (exit status {PREEMPTED})")
+        self.close()
+        raise Preempted("")
 
     def knn(self, encode, name, when, step, epoch):
-        t0 = time.perf_counter()
-        knn = knn_accuracy(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        """The kNN monitor. The checkpoint is written before it: a stop signal during the pass ends the run at once."""
+        STOP["raise"] = "" if self.rank else (f"stopped by a signal during the kNN monitor after step {step}: "
+                                              f"checkpoint {self.path}; continue with --resume auto")
+        try:
+            t0 = time.perf_counter()
+            knn = knn_accuracy(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        finally:
+            STOP["raise"] = None
         knn_s = time.perf_counter() - t0
         self.log(f"{when} kNN top-1{name} {knn:.2f} ({knn_s:.1f}s)", step=step, epoch=epoch, knn_top1=knn, knn_s=knn_s)
         return knn
+
+    def close(self):
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def lines_upto(path, step):
+    """The lines of a metrics.jsonl up to `step` (a resumed run logs the later ones again); [] without the file."""
+    if not os.path.exists(path):
+        return []
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:  # a torn last line of a run killed mid-write
+                pass
+    return keep
+
+
+def resumed_args(saved, given, src):
+    """A resumed run's arguments: the checkpoint's, then the flags given again -> (Args, a note per changed flag).
+    A change that would break the run (fixed_on_resume: the model's shape, the global batch, the data, the
+    mechanism) stops it in one line. --overwrite is never taken from the checkpoint."""
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
+    old = resolve(Args(**saved))
+    new = resolve(Args(**{**saved, "overwrite": False, **{k: v for k, v in given.items() if k != "preset"}}))
+    if given.get("preset", old.preset) != old.preset:
+        raise UserError(f"--preset {given['preset']}: {src} was trained with --preset {old.preset}; a resumed run keeps "
+                        "its checkpoint's settings (change single flags, or start a new run with another --out)")
+    fixed = [f"--{k.replace('_', '-')} {getattr(new, k)} (it has {getattr(old, k)})" for k in fixed_on_resume(old, new)]
+    if fixed:
+        raise UserError(f"{src} cannot go on with {', '.join(fixed)}: a resumed run keeps the model's shape, the global "
+                        "batch and the data; start a new run with another --out")
+    changed = [k for k in given if k not in ("preset", "resume") and getattr(new, k) != getattr(old, k)]
+    return new, [f"note: resumed with --{k.replace('_', '-')} {getattr(old, k)} -> {getattr(new, k)}" for k in changed]
 # --- end shared: run ---
 
 
@@ -1144,11 +1450,14 @@ class Run:
 # Appendix D. What class Run asks of this script: the checks of its flags, its automatic values, its --gpu-aug
 # augmentation; and the loader of the fused op (speed only: csrc/ and moco_ext/)
 # ----------------------------------------------------------------------------------------------------
-def check_args(args, world):
+def check_args(args, world, device):
     """Values that make no sense stop here, before any work, in one line (exit 2). The parser has checked the
     choices (--aug, --mechanism, ...)."""
-    keys, S = args.batch_size * (2 if args.symmetric else 1), max(args.bn_splits, 1)  # keys enqueued per step
+    keys, S = args.batch_size * (2 if args.symmetric else 1), 1 if args.bn == "sync" else max(args.bn_splits, 1)
     for bad, msg in [
+        (not (args.arch == "basic32" or args.arch.startswith(("resnet", "wide_resnet", "resnext"))
+              and hasattr(torchvision.models, args.arch)),
+         f"unknown --arch {args.arch!r}: basic32 or a torchvision ResNet name (resnet18, resnet50, ...)"),
         (args.symmetric and args.mechanism != "moco", "--symmetric is for --mechanism moco"),
         (not 0 <= args.bank_t < 1, f"--bank-t {args.bank_t} must be in [0, 1)"),
         (not 0 <= args.moco_m <= 1, f"--moco-m {args.moco_m} must be in [0, 1] (1 = a frozen key encoder)"),
@@ -1163,26 +1472,38 @@ def check_args(args, world):
         (not 0 < args.crop_min <= 1, f"--crop-min {args.crop_min} must be in (0, 1]"),
         (args.image_size < 8, f"--image-size {args.image_size} must be >= 8"),
         (args.bn_splits < 1, f"--bn-splits {args.bn_splits} must be >= 1"),
-        (args.bn == "sync" and args.bn_splits > 1, "--bn sync and --bn-splits > 1 exclude each other"),
         (args.workers < 0, f"--workers {args.workers} must be >= 0"),
         (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
         (min(args.max_steps, args.save_every, args.knn_every) < 0,
          "--max-steps, --save-every and --knn-every must be >= 0"),
         (not all(m.strip().isdigit() for m in args.milestones.split(",") if m.strip()),
          f"--milestones {args.milestones!r} must be epochs separated by commas, e.g. 120,160"),
-        # the checks that need the number of processes
+        (bad_signals(args.save_on_signal), f"--save-on-signal {args.save_on_signal!r}: "
+                                           f"{bad_signals(args.save_on_signal)}"),
+        # the checks that need the number of processes or the device
+        (args.bn == "sync" and world > 1 and device.type != "cuda",
+         "--bn sync needs GPUs: SyncBatchNorm does not run on the CPU under torchrun"),
         (args.batch_size % world, f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes"),
         (args.mechanism == "moco" and args.moco_k < keys,
          f"queue size --moco-k {args.moco_k} is smaller than the {keys} keys enqueued per step (global batch "
          f"{args.batch_size}{', x2 for --symmetric' if args.symmetric else ''})"),
-        (args.bn_splits % world, f"--bn-splits {args.bn_splits} (batch-norm groups of the global batch) is not a "
-                                 f"multiple of the {world} processes; e.g. --bn-splits {world}"),
+        (S % world and args.bn != "sync", f"--bn-splits {args.bn_splits} (batch-norm groups of the global batch) is "
+                                          f"not a multiple of the {world} processes; e.g. --bn-splits {world}"),
         (args.batch_size % S or args.batch_size // S < 2,
          f"--batch-size {args.batch_size} cannot be split into --bn-splits {args.bn_splits} batch-norm groups of 2 "
          "or more images"),
     ]:
         if bad:
             raise UserError(msg)
+
+
+# What a resumed run cannot change: the model's shape, the global batch (the data order and the step count depend
+# on it), the mechanism and the data set
+RESUME_FIXED = ("arch", "stem", "moco_dim", "moco_k", "mlp", "mechanism", "batch_size", "dataset")
+
+
+def fixed_on_resume(old, new):
+    return [k for k in RESUME_FIXED if getattr(old, k) != getattr(new, k)]
 
 
 def resolve(args):
@@ -1192,17 +1513,25 @@ def resolve(args):
 
 def batch_prepare(gpu_aug, args, stats, device):
     """The --gpu-aug twin of transforms(): gpu_aug.BatchAugment, two views per image (the memory bank: one)."""
+    last = args.channels_last == "on" or args.channels_last == "auto" and device.type == "cuda"
     return gpu_aug.moco_augment(args.aug, args.image_size, args.crop_min, MEAN_STD[stats],
-                                channels_last=device.type == "cuda"), 1 if args.mechanism == "memory-bank" else 2
+                                channels_last=last), 1 if args.mechanism == "memory-bank" else 2
 
 
-def load_fused(mode, device):
-    """--fused: the moco_ext extension (csrc/: no (N, 1+K) logits in memory), or None for the pure-PyTorch path."""
+def load_fused(mode, device, log=print):
+    """--fused: the moco_ext extension (csrc/: no (N, 1+K) logits in memory), or None for the pure-PyTorch path.
+    auto: where the library is built (pip install -e .) and runs here; on a GPU only with TF32 allowed (as --amp
+    allows it), where its tensor-core path runs: plain fp32 takes a kernel of fused multiply-adds that is not
+    known to beat cuBLAS. on: always, built with ninja at the import if it is not installed."""
     if mode == "off":
         return None
-    if mode == "on":
-        os.environ.setdefault("MOCO_EXT_JIT", "1")  # build it with ninja if it is not installed
+    if mode == "auto" and device.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32:
+        log("note: fused InfoNCE off: fp32 without TF32 (it is on with --amp, or --fused on)")
+        return None
+    jit = os.environ.get("MOCO_EXT_JIT")
     try:
+        if mode == "on":
+            os.environ["MOCO_EXT_JIT"] = "1"  # read by the import below only
         import moco_ext
         reason = moco_ext.unusable_reason(device)  # no CUDA kernels, or none for this GPU's architecture
         if reason:
@@ -1211,8 +1540,13 @@ def load_fused(mode, device):
     except Exception as e:
         if mode == "on":
             raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]}")
-        print(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
+        log(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
         return None
+    finally:
+        if mode == "on" and jit is None:
+            os.environ.pop("MOCO_EXT_JIT", None)
+        elif mode == "on":
+            os.environ["MOCO_EXT_JIT"] = jit
 
 
 if __name__ == "__main__":

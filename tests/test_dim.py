@@ -337,10 +337,12 @@ def probe(ckpt, layer, *extra):
 @pytest.mark.parametrize("layer", ["conv", "fc", "y"])
 @pytest.mark.slow
 def test_end_to_end_eval_linear(trained, layer):
-    res = probe(str(trained / "ckpt.pt"), layer, *(["--random-init"] if layer == "y" else []))
+    res = probe(str(trained / "ckpt.pt"), layer)
     assert res["feature_dim"] == {"conv": 256 * 4 * 4, "fc": 1024, "y": 64}[layer]
-    # the probe works (~10% on mixed-up labels); learning is judged against random init in test_local_dim_learns
-    assert res["n_train"] == 8000 and res["n_test"] == 2000 and 50 < res["top1"] <= 100
+    assert res["n_train"] == 8000 and res["n_test"] == 2000 and not res["random_init"]
+    if layer == "y":  # the checkpoint's weights were used: the same encoder at random init (same seed) differs
+        rand = probe(str(trained / "ckpt.pt"), layer, "--random-init")
+        assert rand["random_init"] and (rand["knn_top1"], rand["top1"]) != (res["knn_top1"], res["top1"]), (rand, res)
 
 
 def test_encoder_for_eval(trained):

@@ -1,0 +1,211 @@
+"""The GPU path, run on the CPU: everything of it that PyTorch can run here. Autocast (bf16, and fp16 with its
+gradient scalers), torch.compile, channels-last memory order, the fused op with each mechanism, the symmetric loss
+and the batched augmentation (--gpu-aug), in moco.py and dim.py, on one process and under torchrun (gloo), then
+eval_linear.py on what they wrote. What cannot run on a CPU is left to tests/gpu_check.sh: NCCL, SyncBatchNorm
+across processes, the CUDA kernels, CUDA graphs of torch.compile and cuDNN's algorithms."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dim
+import eval_linear
+import moco
+from conftest import in_process
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCO = ["--batch-size", "16", "--moco-k", "64", "--workers", "0", "--knn-every", "0", "--device", "cpu",
+        "--log-every", "1", "--epochs", "2", "--max-steps", "2", "--fused", "off"]
+DIM = ["--batch-size", "16", "--mi-units", "32", "--local-samples", "8", "--workers", "0", "--knn-every", "0",
+       "--device", "cpu", "--log-every", "1", "--epochs", "1", "--max-steps", "2"]
+
+
+def losses(out):
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+def resumed_equals_straight(main, argv, tmp_path):
+    """2 steps straight == 1 step, stop, resume to 2: every tensor of the checkpoints equal."""
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    in_process(main, *argv, "--out", a, check=True)
+    in_process(main, *argv, "--max-steps", "1", "--out", b, check=True)
+    r = in_process(main, *argv, "--out", b, "--resume", "auto", check=True)
+    assert "resumed from" in r.stdout
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
+    for part in ("model", "prior"):
+        for k, v in (ca.get(part) or {}).items():
+            assert torch.equal(v, cb[part][k]), (part, k)
+    for part in ("scaler", "prior_scaler"):
+        assert ca.get(part) == cb.get(part), part
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hand-written layer on the autocast path: split batch norm
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_batch_norm_under_autocast_takes_float32_statistics(dtype):
+    """Under autocast the convolution hands split BN a half-precision batch: its statistics are taken in float32 and
+    its running buffers stay float32; with one group it is BatchNorm2d exactly, with several the float32 result
+    within the half type's rounding, in the input's type as BatchNorm2d's output."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 5, 5) * 3 + 1
+    for splits in (1, 4):
+        net = moco.SplitBatchNorm(8, num_splits=splits)
+        ref = moco.SplitBatchNorm(8, num_splits=splits)
+        with torch.no_grad():
+            for m in (net, ref):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+            ref.load_state_dict(net.state_dict())
+        half = x.to(dtype)
+        with torch.autocast("cpu", dtype=dtype):
+            y = net(half)
+        y32 = ref(half.float())  # the float32 computation on the same (rounded) input
+        assert y.dtype == dtype and net.running_mean.dtype == net.running_var.dtype == torch.float32
+        assert torch.allclose(net.running_mean, ref.running_mean, atol=1e-6)
+        assert torch.allclose(net.running_var, ref.running_var, atol=1e-5)
+        if splits == 1:
+            bn = nn.BatchNorm2d(8)
+            with torch.no_grad():
+                bn.weight.copy_(net.weight)
+                bn.bias.copy_(net.bias)
+            with torch.autocast("cpu", dtype=dtype):
+                assert torch.equal(bn(half), y)
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(y.float(), y32, rtol=2 * eps, atol=4 * eps * y32.abs().max().item()), \
+            (y.float() - y32).abs().max()
+
+
+def test_encoder_with_split_batch_norm_trains_under_autocast():
+    """The crash an --amp user met first: basic32 with 8 batch-norm groups, forward and backward under autocast."""
+    net = moco.build_encoder("basic32", "cifar", bn_splits=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(16, 3, 32, 32))
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all() and net.fc.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# moco.py and dim.py with each option
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags", [
+    ["--amp", "--bn-splits", "2", "--fused", "on", "--channels-last", "on", "--gpu-aug", "off"],
+    ["--amp", "--amp-dtype", "float16", "--fused", "off", "--bn-splits", "1"],
+    ["--amp", "--symmetric", "--fused", "on", "--bn-splits", "2", "--gpu-aug", "on"],
+    ["--amp", "--mechanism", "end-to-end", "--bn-splits", "2", "--channels-last", "on"],
+    ["--amp", "--mechanism", "memory-bank", "--fused", "on", "--gpu-aug", "on"],
+    ["--amp", "--amp-dtype", "float16", "--mechanism", "memory-bank", "--fused", "off", "--channels-last", "on"],
+], ids=["moco-bf16-fused-splitbn-cl", "moco-fp16-scaler", "moco-symmetric-fused-gpuaug", "end-to-end-bf16-cl",
+        "memory-bank-bf16-fused-gpuaug", "memory-bank-fp16-cl"])
+def test_moco_options_train_and_resume_exactly(flags, tmp_path):
+    """Each option trains with finite losses, and a run stopped after 1 step and resumed equals 2 straight steps,
+    the gradient scaler's state included."""
+    out = resumed_equals_straight(moco.main, MOCO + flags, tmp_path)
+    assert len(losses(out)) == 2 and all(map(lambda v: v == v and abs(v) < 1e6, losses(out)))
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["scaler"].get("scale") is not None if "float16" in flags else not ck["scaler"]
+
+
+@pytest.mark.parametrize("preset, flags", [
+    ("dimL", ["--amp", "--channels-last", "on"]),
+    ("dimG", ["--amp", "--amp-dtype", "float16", "--gpu-aug", "on"]),
+    ("dimLG", ["--amp", "--amp-dtype", "float16", "--channels-last", "on", "--global-critic", "dot"]),
+])
+def test_dim_options_train_and_resume_exactly(preset, flags, tmp_path):
+    """dim.py under autocast (the prior's step outside it with its own scaler), channels-last and --gpu-aug."""
+    out = resumed_equals_straight(dim.main, DIM + ["--preset", preset, *flags], tmp_path)
+    assert len(losses(out)) == 2 and all(v == v for v in losses(out))
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    fp16 = "float16" in flags
+    assert bool(ck["scaler"]) == fp16 and bool(ck["prior_scaler"]) == fp16
+
+
+def test_eval_linear_on_an_autocast_checkpoint(tmp_path):
+    """eval_linear.py (the probe, and fine-tuning) reads what an --amp --channels-last run wrote."""
+    out = tmp_path / "run"
+    in_process(moco.main, *MOCO, "--amp", "--bn-splits", "2", "--channels-last", "on", "--out", out, check=True)
+    for extra in ([], ["--finetune", "--labels-per-class", "8", "--batch-size", "32"]):
+        r = in_process(eval_linear.main, "--pretrained", out / "ckpt.pt", "--epochs", "1", "--workers", "0",
+                       "--device", "cpu", "--out", tmp_path / "e.json", *extra, check=True)
+        assert "sanity check passed" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, flags", [
+    (moco, MOCO + ["--amp", "--bn-splits", "2", "--compile", "--fused", "on"]),
+    (dim, DIM + ["--preset", "dimLG", "--amp", "--compile"]),
+], ids=["moco", "dim"])
+def test_compile_trains(script, flags, tmp_path):
+    """--compile (inductor on the CPU) with autocast: the compiled encoders train 2 steps with finite losses."""
+    r = in_process(script.main, *flags, "--out", tmp_path / "run", check=True)
+    assert "done: 2 steps" in r.stdout and all(v == v for v in losses(tmp_path / "run"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, flags", [
+    ("moco.py", MOCO + ["--amp", "--bn-splits", "2", "--fused", "on", "--channels-last", "on", "--symmetric"]),
+    ("dim.py", DIM + ["--preset", "dimLG", "--amp", "--amp-dtype", "float16", "--channels-last", "on"]),
+], ids=["moco", "dim"])
+def test_options_under_torchrun(script, flags, tmp_path):
+    """The same options on 2 processes (gloo): autocast, channels-last, the fused op, the symmetric loss."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                        *flags, "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "done: 2 steps" in r.stdout and all(v == v for v in losses(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the GPU path chooses
+# ----------------------------------------------------------------------------------------------------
+def test_amp_on_the_cpu_is_honoured_with_a_note(tmp_path):
+    r = in_process(moco.main, *MOCO, "--amp", "--out", tmp_path / "a", check=True)
+    assert "note: --amp on the CPU: bfloat16 autocast" in r.stdout
+    r = in_process(moco.main, *MOCO, "--out", tmp_path / "b", check=True)
+    assert "note: --amp" not in r.stdout
+
+
+def test_fused_auto_on_cuda_takes_the_fused_op_only_with_tf32(monkeypatch):
+    """--fused auto on a GPU: plain fp32 (TF32 off) takes eager PyTorch; with TF32 allowed (as --amp allows it) the
+    extension, where it can run. Checked without a GPU: the decision is taken before anything touches the device."""
+    notes, cuda, matmul = [], torch.device("cuda", 0), torch.backends.cuda.matmul
+    sentinel = type("moco_ext", (), {"unusable_reason": staticmethod(lambda device: None)})
+    monkeypatch.setitem(sys.modules, "moco_ext", sentinel)
+    tf32 = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert moco.load_fused("auto", cuda, notes.append) is None and "fp32 without TF32" in notes[-1]
+        assert moco.load_fused("on", cuda, notes.append) is sentinel
+        matmul.allow_tf32 = True
+        assert moco.load_fused("auto", cuda, notes.append) is sentinel
+    finally:
+        matmul.allow_tf32 = tf32
+
+
+def test_load_fused_leaves_the_environment_as_it_was(monkeypatch):
+    monkeypatch.delenv("MOCO_EXT_JIT", raising=False)
+    monkeypatch.setitem(sys.modules, "moco_ext", type("moco_ext", (), {"unusable_reason": staticmethod(lambda d: None)}))
+    moco.load_fused("on", torch.device("cpu"))
+    assert "MOCO_EXT_JIT" not in os.environ
+
+
+def test_bn_sync_is_reachable_and_checked(tmp_path):
+    """--bn sync: SyncBatchNorm over the global batch, --bn-splits ignored (and said so); on the CPU under torchrun it
+    cannot run (SyncBatchNorm needs GPUs there): one line. On one process it is batch norm over the whole batch."""
+    r = in_process(moco.main, *MOCO, "--bn", "sync", "--bn-splits", "8", "--out", tmp_path / "a", check=True)
+    assert "--bn-splits 8 is ignored" in r.stdout and "done: 2 steps" in r.stdout
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    args = moco.Args(**ck["args"])
+    model = moco.build_model(args, 8000, 1, None)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert not any(isinstance(m, moco.SplitBatchNorm) for m in model.modules())
+    with pytest.raises(moco.UserError, match="--bn sync needs GPUs"):
+        moco.check_args(args, 2, torch.device("cpu"))
+    import dataclasses
+    moco.check_args(dataclasses.replace(args, bn_splits=3), 2, torch.device("cuda", 0))  # ignored: any value
