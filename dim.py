@@ -3,9 +3,10 @@
 Paper: Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler, Bengio, "Learning deep representations
 by mutual information estimation and maximization", ICLR 2019, arXiv 1808.06670v5. Equation numbers below are
 the paper's; the encoders follow the official code (rdevon/DIM configs/convnets.py). Every deviation is marked
-NOTE(deviation) and listed in the README.
+NOTE(deviation) and listed in docs/dim.md.
 
-Results: docs/dim.md (measured numbers with date, hardware, command and seeds) and docs/experiments.md.
+Results: README.md and docs/experiments.md (measured numbers with date, hardware, command and seeds); how to run
+it: docs/dim.md, docs/distributed.md.
 
 Reading order: 1 arguments and presets, 2 the algorithm core (the MI estimators, critics, DIM's objective and
 prior matching: copy this section alone into your code), 3 encoders, 4 the training loop; the appendices hold the
@@ -1012,7 +1013,8 @@ def parse_args(argv=None, cls=None, presets=None):
     p = Parser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         name, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        text = (text if "default" in text else f"{text} {shown_default(f, presets, preset)}").replace("%", "%%")
+        own = "(default" in text or "no default)" in text  # the help text states its default itself
+        text = (text if own else f"{text} {shown_default(f, presets, preset)}").replace("%", "%%")
         if f.type is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         else:

@@ -5,7 +5,7 @@ Nothing here is part of either algorithm: each script's plain path (torchvision 
 complete without this file, and the scripts import it only when `--gpu-aug` turns it on. The augmentations are
 the batched twins of the scripts' torchvision pipelines (tests/test_gpu_aug.py and tests/test_dim.py hold them to
 those: same distributions, per-sample checks where the draws can be matched), so the two paths train the same
-models up to the noise of the draws (README, "Speed": the loss curves of tests/bench_curves.py).
+models up to the noise of the draws (docs/speed.md: the loss curves of tests/bench_curves.py).
 """
 import math
 
@@ -18,7 +18,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def device_path(train_set, args, device, sampler, log, make_prepare):
     """The scripts' --gpu-aug data path -> batches(epoch), or None for their CPU loader. auto = on for in-memory data
-    on a GPU, and on the CPU for images of at most 64 px (measured faster there, README "Speed"); on = wherever the
+    on a GPU, and on the CPU for images of at most 64 px (measured faster there, docs/speed.md); on = wherever the
     images are in memory. make_prepare() -> (prepare(x, g), views per image): the script's batched augmentation."""
     cpu_auto = args.gpu_aug == "auto" and device.type != "cuda"
     images = device_images(train_set, device, max_side=64 if cpu_auto else None)  # uint8 (N, 3, H, W)

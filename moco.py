@@ -4,16 +4,17 @@ Papers: He, Fan, Wu, Xie, Girshick, "Momentum Contrast for Unsupervised Visual R
 Learning", CVPR 2020, arXiv 1911.05722v3 (MoCo v1). Chen, Fan, Girshick, He, "Improved Baselines with
 Momentum Contrastive Learning", arXiv 2003.04297v1 (MoCo v2). The official code (facebookresearch/moco,
 moco/builder.py, main_moco.py, colab/moco_cifar10_demo.ipynb) is followed exactly where the presets say so;
-every deviation is marked NOTE(deviation) and listed in the README.
+every deviation is marked NOTE(deviation) and listed in docs/moco.md.
 
-Results: see README.md (measured numbers with date, hardware, command and seeds).
+Results: README.md and docs/experiments.md (measured numbers with date, hardware, command and seeds); how to run
+it: docs/moco.md, docs/distributed.md.
 
 Commands
     python moco.py                                   # built-in data (Fashion-MNIST test split), CPU-sized
     python moco.py --data ~/imagenet --preset v2     # image folder, the official v2 recipe
     python moco.py --dataset cifar10 --data ~/cifar --preset cifar --amp   # the official CIFAR-10 notebook
     torchrun --nproc_per_node=8 moco.py --data ~/imagenet --preset v2   # the same 8 BN groups of 32 images
-    python moco.py --resume auto                     # continue the run in --out
+    python moco.py --resume auto                     # continue the run in --out (also after a stop signal)
     python moco.py --mechanism end-to-end            # MoCo's rivals (Sec. 3.2, Fig. 3): keys = the batch,
     python moco.py --mechanism memory-bank --epochs 5   # or a memory bank (Wu et al. 2018)
     python moco.py --shuffle-bn off                  # the batch-statistics leak of Appendix A.9
@@ -130,7 +131,7 @@ class Args:
 
 # The official ImageNet code has no kNN monitor. Ours encodes 1.33M images (train + val) per pass: measured
 # here (CPU) 0.12 (ResNet-50) to 0.43 (ResNet-18) of an epoch's training time, ~0.26 by FLOPs, more when JPEG
-# decoding bounds the forward-only pass on GPUs. So v1 and v2 run it every 10th epoch (~1-4% of the run), see README.
+# decoding bounds the forward-only pass on GPUs. So v1 and v2 run it every 10th epoch (~1-4% of the run), see docs/moco.md.
 PRESETS = {
     # facebookresearch/moco main_moco.py defaults; bn_splits 8 = the official 8 GPUs' groups of 32 images
     "v1": dict(arch="resnet50", stem="imagenet", moco_dim=128, moco_k=65536, moco_m=0.999, moco_t=0.07,
@@ -351,7 +352,7 @@ class GatherWithGrad(torch.autograd.Function):
 class EndToEnd(nn.Module):
     """MoCo's first rival (Sec. 3.2, Fig. 2a): the dictionary is the current global batch, its keys encoded
     with gradients by the query encoder itself (the paper does not say whether the two encoders share weights;
-    README, "The three mechanisms", says why they do here); query n's positive is key n, its K = B - 1
+    docs/moco.md, "The three mechanisms", says why they do here); query n's positive is key n, its K = B - 1
     negatives the other keys. Shuffle-BN as for MoCo (Sec. 3.3). No queue, no momentum encoder."""
 
     def __init__(self, base_encoder, dim=128, T=0.07, mlp=False, shuffle_bn=True):
@@ -1154,7 +1155,8 @@ def parse_args(argv=None, cls=None, presets=None):
     p = Parser(description=sys.modules[cls.__module__].__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         name, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        text = (text if "default" in text else f"{text} {shown_default(f, presets, preset)}").replace("%", "%%")
+        own = "(default" in text or "no default)" in text  # the help text states its default itself
+        text = (text if own else f"{text} {shown_default(f, presets, preset)}").replace("%", "%%")
         if f.type is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         else:

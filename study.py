@@ -11,7 +11,7 @@ probe, and kNN (k=200).
 
 The pretraining budget is time, not steps: each method's step time is measured first, and every seed of a
 method then runs the same number of steps. A snapshot at half the budget and the encoder at random init (time 0)
-give the curve of the plot. Headline (README.md, "The comparison study": a 2-core CPU, 3 seeds, 124-137 s of
+give the curve of the plot. Headline (docs/experiments.md, "The comparison study": a 2-core CPU, 3 seeds, 124-137 s of
 pretraining per run): linear probe on the conv tap, test top-1 %, MoCo v2 89.58 ± 0.17, DIM(L) JSD 88.56 ± 0.48,
 random init 87.77 ± 0.15.
 
@@ -19,10 +19,10 @@ The ablations, the same recipes with one thing changed, 3 seeds, a budget of --e
 (DIM) x 60,000 images per run:
 - MoCo's (He et al. 2020, arXiv 1911.05722v3, Sec. 3.2-4.1, Fig. 3, Appendix A.9; ABLATIONS): mechanisms
   (end-to-end, memory bank and MoCo against K), momentum (m from 0 to 0.9999 at K 4096) and shuffle-bn (on/off,
-  kNN over training and the pretext top-1); README.md, "MoCo's mechanisms and ablations".
+  kNN over training and the pretext top-1); docs/experiments.md, "MoCo's mechanisms and ablations".
 - DIM's (Hjelm et al. 2019, Sec. 3.1, 4.3, Tables 1 and 3; DIM_ABLATIONS): dim-estimators (JSD, infoNCE, DV
   against the batch, which sets the number of negatives) and dim-prior (prior matching, DIM(G) against DIM(L));
-  README.md, "DIM's claims".
+  docs/experiments.md, "DIM's claims".
 Under an image budget a bigger batch takes fewer steps. --per-run steps gives every run of mechanisms and
 dim-estimators the same number of optimisation steps instead (--run-steps; by default the count the reference
 batch, 256 or 64, gets from the image budget), so that end-to-end's K (its batch) and DIM's negatives (the other
@@ -32,7 +32,7 @@ results; every other run is named NAME-sSTEPS.
 Commands (DIR: the four Fashion-MNIST IDX files, train-images-idx3-ubyte.gz ..., or a folder for torchvision's
 FashionMNIST, which --download fills)
     python study.py --data DIR                            # the comparison: 66 min on a 2-core CPU, 3 seeds
-    python study.py --data DIR --steps dimL-jsd=654,dimL-nce=576,dimG=491,moco=172,supervised=281  # README's counts
+    python study.py --data DIR --steps dimL-jsd=654,dimL-nce=576,dimG=491,moco=172,supervised=281  # the documented counts
     python study.py --data DIR --budget 600 --device cuda          # longer runs on a GPU
     python study.py --data DIR --budget 20 --seeds 1 --out /tmp/s  # a smoke run of the whole pipeline
     python study.py --data DIR --experiment mechanisms             # or momentum, shuffle-bn
@@ -75,7 +75,8 @@ class Args:
                        "runs/moco-ablations for the three MoCo experiments, which share their runs; "
                        "runs/dim-ablations for DIM's two)")
     seeds: int = arg(3, "seeds per method")
-    methods: str = arg("dimL-jsd,dimL-nce,dimG,moco,supervised", "comma-separated subset of METHODS")
+    methods: str = arg("dimL-jsd,dimL-nce,dimG,moco,supervised", "compare: the methods to run, comma-separated: "
+                                                                  "dimL-jsd, dimL-nce, dimG, moco, supervised")
     budget: float = arg(120.0, "pretraining seconds per run (each method, each seed); steps are calibrated")
     probe_epochs: int = arg(10, "linear-probe epochs (eval_linear.py default 100; lr x0.1 at 60% and 80%)")
     mlp_epochs: int = arg(5, "MLP-probe epochs on the headline layer (eval_linear.py default 100)")
@@ -83,8 +84,9 @@ class Args:
                                 "CPU cores)", ("auto", "on", "off"))
     device: str = arg("auto", "auto = cuda if a GPU is visible", ("auto", "cpu", "cuda"))
     threads: int = arg(0, "torch threads (0 = torch's default)")
-    experiment: str = arg("compare", "compare: DIM vs MoCo (this docstring); mechanisms, momentum, shuffle-bn: MoCo's "
-                                     "ablations (ABLATIONS); dim-estimators, dim-prior: DIM's (DIM_ABLATIONS)",
+    experiment: str = arg("compare", "compare: DIM and MoCo side by side with the baselines; mechanisms (end-to-end, "
+                                     "memory bank and MoCo against K), momentum, shuffle-bn: MoCo's ablations; "
+                                     "dim-estimators (JSD, infoNCE, DV against the batch), dim-prior: DIM's",
                           ("compare", "mechanisms", "momentum", "shuffle-bn", "dim-estimators", "dim-prior"))
     steps: str = arg("", "compare: the step counts of an earlier study, e.g. moco=172,dimL-jsd=555 (printed and in "
                          "results.md), instead of calibrating them: reruns exactly that study")
@@ -102,7 +104,7 @@ class Args:
 
 # Each method: (script, flags on top of the script's presets, layers probed, the layer of the MLP probe). The
 # curve of the plot uses the conv tap (the 256x4x4 map, 4096-d) of every encoder, the layer they all share.
-# Choices for this data and budget (README, "The comparison study", says why): DIM with Adam lr 5e-4 (paper 1e-4)
+# Choices for this data and budget (docs/experiments.md, "The comparison study", says why): DIM with Adam lr 5e-4 (paper 1e-4)
 # and a 256-unit local critic (paper 2048); MoCo v2 with the CIFAR notebook's recipe (K 4096, m 0.99, no blur),
 # the v2 MLP head and T 0.2, SGD lr 0.03 (notebook 0.06), crops of at least 80% of the image (paper 8-20%) and
 # split BN in 4 groups of 64 (notebook: 8 groups of 64 at batch 512).

@@ -1,4 +1,4 @@
-"""Benchmark: the host syncs and copies issue #14 took out of the training step, each old form against the new
+"""Benchmark: the host syncs and copies kept out of the training step, each old form against the new
 one side by side (best of 3, one thread). On a CPU a sync costs nothing; the copies and the skipped shuffle do.
 
     python tests/bench_hotpath.py

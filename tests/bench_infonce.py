@@ -10,7 +10,7 @@ Loss: forward + backward of the mean loss over the batch, q requiring grad.
 Enqueue: index_copy_ at (ptr + arange(N)) % K and a device-side ptr update vs moco_ext.enqueue_.
 Times are medians; eager and fused take turns, call by call. "extra peak" is the memory one
 step needs beyond its inputs: on CUDA from the caching allocator, on CPU the rise in peak RSS of
-a fresh subprocess. GPU rows also print the floor of kernel.md section 3: the bytes over this GPU's
+a fresh subprocess. GPU rows also print the roofline floor: the bytes over this GPU's
 memory bandwidth (by its name: H200 4.3 TB/s, H100 SXM 3.0 TB/s, copies measured on this workplace's
 machines; another GPU: a device-to-device copy measured now) or the FLOPs over its dense rate (H100/H200
 SXM: FP32 67, TF32 494, BF16 989 TFLOP/s), whichever is larger; the queue is rotated over several
@@ -18,8 +18,7 @@ copies so that it is not served from L2 (fused reads the copy half a rotation aw
 just read). On a GPU the run ends with one table of fused against eager for fp32 (TF32 off: the
 kernel's FFMA path), TF32 and bf16 at N = 256 and 4096 (C = 128, K = 65536): the data for moco.py's
 --fused auto rule (take the fused op only where it wins).
-Targets (issue 3): CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256 and
-within 3x of the floor.
+Targets: CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256 and within 3x of the floor.
 """
 import argparse
 import os
@@ -38,7 +37,7 @@ import moco_ext  # noqa: E402
 
 T = 0.07  # MoCo's temperature
 # name fragment -> (memory bandwidth B/s: device-to-device copies measured on this workplace's machines,
-# dense FLOP/s by mode: the vendor's datasheet for the SXM parts; kernel.md section 3)
+# dense FLOP/s by mode: the vendor's datasheet for the SXM parts)
 GPUS = {"H200": (4.3e12, {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12}),
         "H100 80GB HBM3": (3.0e12, {"fp32": 67e12, "tf32": 494e12, "bf16": 989e12})}
 

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run of a script (3-55 s each here); "
+    config.addinivalue_line("markers", "slow: an end-to-end run of a script or of torchrun (10-70 s each on 2 cores); "
                                        "`pytest -m 'not slow'` is the quick subset")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

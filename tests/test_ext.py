@@ -61,7 +61,7 @@ PRECISIONS = [
                           ("cuda", torch.float32, True), ("cuda", torch.bfloat16, False),
                           ("cuda", torch.float16, False)]]
 # Relative error allowed at T = 0.07 (scaled by 0.07 / T below that): fp32 sums of
-# thousands of terms, TF32 / bf16 / fp16 operands with fp32 accumulation (kernel.md, section 4).
+# thousands of terms, TF32 / bf16 / fp16 operands with fp32 accumulation (their unit roundoff times a few).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, "tf32": 2e-2, torch.bfloat16: 2e-2,
        torch.float16: 1e-2}
 # n_beat: a negative within EPS / T of the positive may count either way (rounding of the dot).

@@ -287,7 +287,7 @@ def test_script_with_gpu_aug_runs_and_resumes_exactly(tmp_path, capsys):
                                                     (96, "auto", False), (96, "on", True)])
 def test_gpu_aug_auto_on_cpu_takes_the_device_path_for_small_images_only(script, side, mode, device_path):
     """--gpu-aug auto on the CPU: in-memory images of at most 64 px are augmented in batches (measured faster,
-    README "Speed"), larger ones by the CPU loader; on forces the batched path (off: the script never asks)."""
+    docs/speed.md), larger ones by the CPU loader; on forces the batched path (off: the script never asks)."""
     ds = script.ArrayData(np.zeros((8, side, side), dtype=np.uint8), [0] * 8)
     args = script.Args(gpu_aug=mode, image_size=32, **({"aug": "none"} if script is dim else {}))
     cpu = torch.device("cpu")

@@ -379,7 +379,7 @@ def test_probe_standardisation():
     assert torch.isfinite(eval_linear.Standardize(f[:1]).std).all()
     f, y = torch.randn(600, 16, generator=g) * 3 + 1, torch.randint(0, 4, (600,), generator=g)
 
-    def batches(epoch):  # the order fit_probe draws for cached features
+    def batches(epoch, skip=0):  # the order fit_probe draws for cached features
         perm = torch.randperm(len(f), generator=gen)
         return ((f[i], y[i]) for i in perm.split(64))
     for probe in ("linear", "mlp"):
@@ -499,7 +499,9 @@ def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
     (["--stem", "tiny"], "argument --stem: invalid choice"),
     (["--mechanism", "bank"], "argument --mechanism: invalid choice"),
     (["--moco-k", "1e3"], "argument --moco-k: invalid int value: '1e3'"),
-    (["--bn", "sync"], "--bn sync and --bn-splits > 1 exclude each other"),
+    (["--save-on-signal", "TERM,KILL"], "--save-on-signal 'TERM,KILL': KILL is not a signal a process can catch"),
+    (["--save-on-signal", "FOO"], "FOO is not a signal"),
+    (["--arch", "vgg16"], "unknown --arch 'vgg16'"),
 ])
 def test_nonsense_hyperparameters_stop_before_any_work(argv, message, tmp_path, capsys):
     """One line, exit 2, and nothing done: no output folder, no data read."""

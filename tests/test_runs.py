@@ -187,7 +187,7 @@ def test_signal_under_torchrun(target, straight_two, tmp_path, image_folder):
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker(straight_two, tmp_path, image_folder):
-    """README's restart command: one worker killed with SIGKILL after a checkpoint; torchrun restarts both, they
+    """docs/distributed.md's restart command: one worker killed with SIGKILL after a checkpoint; torchrun restarts both, they
     resume from the checkpoint and the job ends with the uninterrupted run's tensors."""
     out = str(tmp_path / "run")
     flags = ["--data", image_folder, "--max-steps", "10", "--save-every", "2", "--resume", "auto", *MOCO]
@@ -205,7 +205,7 @@ def test_torchrun_restarts_a_killed_worker(straight_two, tmp_path, image_folder)
 
 @pytest.mark.slow
 def test_two_machines_train_the_model_of_one(straight_two, tmp_path, image_folder):
-    """README's several-machines command: two torchrun agents as two nodes (c10d rendezvous on 127.0.0.1, one
+    """The README's several-machines command: two torchrun agents as two nodes (c10d rendezvous on 127.0.0.1, one
     process each) train the same model as 2 processes of one node."""
     out, port = str(tmp_path / "run"), 29561
     flags = ["--data", image_folder, "--max-steps", "10", *MOCO]

@@ -35,7 +35,7 @@ def sections(path):
 
 
 def test_the_algorithm_comes_first_and_is_short():
-    """The style guide's reading order (../shared/STYLE.md, issue #14): arguments, then the algorithm core from
+    """The style guide's reading order (the project's style guide): arguments, then the algorithm core from
     before line ~300 and under ~200 lines, encoders and training, then the appendices; the shared blocks all lie
     in the appendices."""
     for script in ("moco.py", "dim.py"):
