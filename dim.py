@@ -820,8 +820,14 @@ class StopOnSignals:
     def __exit__(self, *exc):
         for name, old in self.old.items():
             signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL if old is None else old)
-        if self.pending is not None and exc[0] is None:
+        if exc[0] is None:
+            self.settle()
+
+    def settle(self):
+        """Wait for the last combination of the flags (every rank posted it): before the process group goes."""
+        if self.pending is not None:
             self.pending.wait()
+            self.pending = None
 
     @staticmethod
     def handler(signum, frame):
@@ -1195,6 +1201,7 @@ class Run:
                 self.save(state, epoch, pos, step)
                 monitor = ended and args.knn_every and epoch % args.knn_every == 0
                 if stop.now or monitor and stop.agreed(wait=True):  # no kNN pass once a rank has been signalled
+                    stop.settle()
                     self.stopped(step)
                 if monitor:
                     knn = self.knn(knn_encoder, knn_name, f"epoch {epoch}", step, epoch)

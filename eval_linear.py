@@ -1,55 +1,22 @@
 """Frozen-feature evaluation of moco.py and dim.py checkpoints and of the official MoCo checkpoints: a linear probe,
-the DIM paper's MLP probe, kNN, and fine-tuning.
+the DIM paper's MLP probe, kNN, and fine-tuning. The protocols in full, with every default and why: docs/evaluation.md.
 
-Protocols
-- `--protocol main_lincls`: facebookresearch/moco main_lincls.py's linear classification, exactly: the backbone
-  frozen in eval() mode (batch-norm statistics cannot move), a linear layer initialised N(0, 0.01) with zero bias
-  on the raw features, SGD lr 30, momentum 0.9, weight decay 0, lr x0.1 at epochs 60 and 80 of 100, batch 256, on
-  RandomResizedCrop(image size) + horizontal-flip views of every training image through the backbone every epoch
-  at every image size, the last partial batch kept (under torchrun every process gets the same number of
-  batches: torch's DistributedSampler pads the epoch, as in main_lincls.py); test top-1 after every epoch, the
-  best and the last reported. Its flags --epochs, --lr, --batch-size, --milestones act as main_lincls.py's
-  --epochs, --lr, -b, --schedule, except that the default milestones are 60% and 80% of --epochs (main_lincls.py's
-  stay at 60, 80 whatever its --epochs). Flags for what
-  main_lincls.py does not do (--probe mlp, --finetune, --aug none, --standardize, --label-fraction,
-  --labels-per-class) stop the run. Not main_lincls.py's: at 64 px or less the test view is the whole image
-  resized (moco.py's plain view, which above 64 px is main_lincls.py's Resize(256) + CenterCrop(224) scaled to the
-  image size), and its sanity_check (every backbone tensor unchanged) runs after the last epoch, not the first.
-- `--protocol ours` (default) `--probe linear`: main_lincls.py's head and initialisation, SGD with momentum 0.9 and
-  no weight decay, and its sanity check, with our defaults. NOTE(deviation): the features are standardised with
-  the training split's mean and std (a fixed affine map, so the probe stays linear) and the lr is 0.1, because lr
-  30 on raw features diverges on our small encoders and one lr then suits every encoder and layer
-  (`--no-standardize`: raw features, lr 30).
-  NOTE(deviation): for images of 64 px or less (`--aug auto`) the features of the plain view are extracted once
-  and the probe trains on them: one pass through the backbone instead of one per epoch, without augmentation.
-  The last partial batch is kept on cached features and dropped on crop views (moco.py's sampler); lr x0.1 at
-  60% and 80% of --epochs.
-- `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1: one hidden layer of 200
-  units with dropout) as rdevon/DIM's cortex_DIM/evaluation_models/classification_eval.py trains it: Linear 200,
-  Dropout 0.1, BN, ReLU, Linear; Adam lr 1e-4 with cortex's betas (0.5, 0.999), batch 64, and the official schedule
-  MultiStepLR(milestones=[50, 100], gamma=0.1), here at 50% and 100% of --epochs. NOTE(deviation): the 100
-  epochs are ours (that file sets no epoch count; at 100 the second milestone falls at the end), and so is the
-  standardisation of the features (on unless --no-standardize).
-- kNN (k=200, t=0.1, cosine; the MoCo CIFAR notebook) on the plain-view features, always reported.
-Reported: top-1/top-5 after the last epoch on the test split (the `val` folder, else every 10th image of the
-folder; the torchvision test split; images 8000-9999 of the built-in data), and top-1 after every epoch with the
-best of them. A frozen backbone in eval() mode gives the same test features every epoch, so they are extracted once
-and each epoch's top-1 costs one forward of the head. The best epoch is chosen on the test set, as main_lincls.py's
-best_acc1 is: an optimistic number, always printed beside the last.
-
-Semi-supervised protocols
-- `--finetune`: the whole encoder trains with the head (backbone in train() mode, so BN statistics move too), the
-  head at `--lr` (default 0.1 linear, 1e-4 mlp: the standardised probes', whatever --standardize says) and the
-  backbone at `--backbone-lr` (default 0.05 x the head's: the ratio of SwAV's eval_semisup.py, trunk 0.01 / head
-  0.2 at 10% labels; the values are ours), on the views of `--aug`: crop as above, and for `none` the plain view of
-  each image, reshuffled every epoch. Only the last epoch's top-1 is measured: the test features would have to be
-  extracted again after every epoch. The sanity check is inverted: some backbone weight must have changed. The
-  standardisation becomes a batch norm without affine (MAE's linear probe), since fixed statistics of the
-  pre-trained features blow up dead ones that come alive; kNN is on the pre-trained features.
-- `--label-fraction F` or `--labels-per-class N`: a class-balanced subset of the labelled training images,
-  round(F * n_c) (at least 1) or min(N, n_c) of class c, drawn by `--seed`. It trains the probe or the
-  fine-tuning and is the kNN bank as well, so every number sees the same labels; its indices (positions in the
-  training split as loaded, unlabelled images included) are written to the JSON as "label_idx".
+- `--protocol main_lincls`: facebookresearch/moco main_lincls.py's linear classification, exactly (the backbone frozen
+  in eval() mode, a linear layer N(0, 0.01) on raw features, SGD lr 30, momentum 0.9, no weight decay, x0.1 at 60% and
+  80% of 100 epochs, batch 256, RandomResizedCrop + flip views of every image every epoch, the last partial batch
+  kept, best and last top-1); flags for what main_lincls.py does not do stop the run.
+- `--protocol ours` (default): main_lincls.py's head and sanity check with our defaults: standardised features and lr
+  0.1, and features of the plain view extracted once for images of 64 px or less (both NOTE(deviation) below).
+- `--probe mlp`: the DIM paper's probe (Hjelm et al. 2019, arXiv 1808.06670v5, Sec. 4.1) as rdevon/DIM's
+  cortex_DIM/evaluation_models/classification_eval.py trains it (200 hidden units, dropout 0.1, BN; Adam 1e-4, betas
+  (0.5, 0.999), batch 64, MultiStepLR(milestones=[50, 100], gamma=0.1), here at 50% and 100% of the epochs); its
+  100 epochs are ours.
+- `--finetune`, `--label-fraction F`, `--labels-per-class N`: the semi-supervised protocols (the whole encoder trains;
+  a class-balanced subset of the labels).
+- kNN (k=200, t=0.1, cosine; the MoCo CIFAR notebook), always reported. Top-1 after every epoch, the best of them
+  (chosen on the test set, as main_lincls.py's best_acc1) beside the last.
+- OUT.json, and OUT.pt: the probe's checkpoint (the head; the fine-tuned backbone), written at a stop signal
+  (--save-on-signal, exit status 75) and at the end; --resume auto goes on from it.
 
 Commands
     python eval_linear.py --pretrained runs/moco/ckpt.pt                  # data and size from the checkpoint
@@ -121,7 +88,9 @@ class Args:
                                            "checkpoint (exit status 75); empty = none (default TERM,USR1)")
 
 
-# ours: lr 0.1 on standardised features (30 on raw ones, main_lincls.py's); mlp: rdevon/DIM classification_eval.py
+# NOTE(deviation): lr 0.1 on standardised features (a fixed affine map: the probe stays linear), because lr 30 on
+# raw features (main_lincls.py's) diverges on small encoders and one lr then suits every encoder and layer
+# mlp: rdevon/DIM classification_eval.py (its epoch count is not set there: 100 is ours)
 PROBE_DEFAULTS = {"linear": dict(epochs=100, batch_size=256, lr=0.1), "mlp": dict(epochs=100, batch_size=64, lr=1e-4)}
 
 
@@ -332,6 +301,7 @@ def fit_probe(args, train_f, train_y, classes, batches=None, ddp=False, say=prin
                 total, n = total + loss.item() * len(y), n + len(y)
             pos += 1
             if stop is not None and stop.agreed():
+                stop.settle()
                 progress.save(modules, epoch, pos, order, (total, n))
                 raise moco.Preempted(progress.stopped(epoch, pos))
         skip = 0
@@ -410,6 +380,8 @@ def evaluate(args, stop):
     before = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     train_set, test_set, stats, label_idx = datasets(args, ck)
     size = args.image_size or ck.get("image_size", 224)
+    # NOTE(deviation): auto caches the plain view's features once for images of 64 px or less (main_lincls.py: crop
+    # views through the backbone every epoch, at every size): one pass of the backbone, without augmentation
     aug = args.aug if args.aug != "auto" else ("crop" if size > 64 else "none")
     if ((aug == "crop" or args.finetune) and args.protocol != "main_lincls"  # ours: full batches only (drop_last)
             and len(train_set) < args.batch_size):

@@ -85,7 +85,7 @@ def test_stl10_pretrains_on_every_image_and_probes_labelled_ones(script, stl10, 
     lines = [json.loads(s) for s in open(out / "metrics.jsonl")]
     assert lines[-1]["step"] == 4 and lines[-1]["knn_s"] > 0, lines[-1]
     hits = lines[-1]["knn_top1"] * FakeSTL10.TEST / 100  # the test set's labelled images only: a whole number of them
-    assert abs(hits - round(hits)) < 1e-6, lines[-1]
+    assert abs(hits - round(hits)) < 1e-3, lines[-1]  # float32 means: not exact
     layer = ["--layer", "fc"] if script == "dim" else []
     code, log, err = run(eval_linear.main, PROBE + layer + ["--pretrained", out / "ckpt.pt", "--out", out / "e.json"],
                          capsys)

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
+import dim
+import eval_linear
+import gpu_aug
+from conftest import in_process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import dim  # noqa: E402
-import eval_linear  # noqa: E402
-import gpu_aug  # noqa: E402
-from conftest import in_process  # noqa: E402
 
 
 def run(script, *argv, check=True):
@@ -389,6 +389,20 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(ta[k], tc[k]), k
 
 
+def test_resume_applies_the_flags_lr_betas_and_wd(tmp_path):
+    """dim.py sets its two Adam optimisers' lr, betas and weight decay from the flags at every start: a run resumed
+    with other values trains with them (a resumed optimiser would otherwise keep the checkpoint's)."""
+    common = ["--out", tmp_path / "run", "--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0]
+    in_process(dim.main, *common, "--max-steps", 1, check=True)
+    r = in_process(dim.main, *common, "--max-steps", 2, "--resume", "auto", "--lr", 3e-4, "--beta1", 0.9,
+                   "--wd", 1e-5, check=True)
+    assert "lr 0.0003" in r.stdout.splitlines()[-2]
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    for opt in ("optimizer", "prior_optimizer"):
+        for g in ck[opt]["param_groups"]:
+            assert (g["lr"], tuple(g["betas"]), g["weight_decay"]) == (3e-4, (0.9, 0.999), 1e-5), (opt, g)
+
+
 # ---------------------------------------------------------------------------------------------------
 # --gpu-aug: uint8 images on the device, prepared in batches, against the CPU loader's transforms
 # ---------------------------------------------------------------------------------------------------
@@ -427,7 +441,7 @@ def test_gpu_aug_on_the_cpu_follows_the_loader_and_resumes_exactly(tmp_path):
     common = ["--batch-size", 16, "--mi-units", 32, "--workers", 0, "--knn-every", 0, "--log-every", 1]
     in_process(dim.main, "--out", tmp_path / "cpu", "--max-steps", 6, "--gpu-aug", "off", *common, check=True)
     p = in_process(dim.main, "--out", tmp_path / "dev", "--max-steps", 6, "--gpu-aug", "on", *common, check=True)
-    assert "uint8 on cpu, augmented there in batches" in p.stdout
+    assert "uint8 on cpu, read there in batches" in p.stdout
     curve = [[json.loads(l)["loss"] for l in open(tmp_path / x / "metrics.jsonl") if '"loss"' in l]
              for x in ("cpu", "dev")]
     assert len(curve[0]) == len(curve[1]) == 6

@@ -97,7 +97,7 @@ def test_label_subset_skips_unlabelled_images():
 # ----------------------------------------------------------------------------------------------------
 def whole(percent, n):
     """Whether `percent` is a whole number of the n test images (a top-1 on the right test set, not just finite)."""
-    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-6
+    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-3  # float32 means: not exact
 
 
 def test_finetune_changes_the_backbone_and_the_probe_does_not(ckpt, tmp_path):

@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 
+import moco
+from bench_e2e import write_idx  # tests/ is on sys.path (pytest's rootdir-less import of the test folder)
+from conftest import in_process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import moco  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import write_idx  # noqa: E402
-from conftest import in_process  # noqa: E402
 
 
 def small_idx_folder(tmp_path):
@@ -31,7 +30,7 @@ def small_idx_folder(tmp_path):
 
 def whole(percent, n):
     """Whether `percent` is a whole number of the n test images (a top-1 on the right test set, not just finite)."""
-    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-6
+    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-3  # float32 means: not exact
 
 
 def run_study(argv, process=False):
