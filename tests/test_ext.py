@@ -593,8 +593,10 @@ def test_moco_fused_step_matches_fallback(device):
                          [p.grad.clone() for p in model.encoder_q.parameters()]))
             opt.step()
         (l0, a0, b0, g0), (l1, a1, b1, g1) = outs
+        # Bounds from measurements on the CPU (5 seeds x 4 steps, float32): loss <= 6.4e-7,
+        # encoder gradients <= 7.2e-6 (weights drift apart by rounding after step 1), queue <= 5.1e-7.
         assert rel(l1, l0) < 1e-5, step
         assert torch.equal(a0, a1) and torch.equal(b0, b1), step
-        assert max(rel(x, y) for x, y in zip(g1, g0) if y.norm() > 0) < 1e-3, step
-        assert rel(fused.queue, plain.queue) < 1e-4 and torch.equal(fused.queue_ptr, plain.queue_ptr)
+        assert max(rel(x, y) for x, y in zip(g1, g0) if y.norm() > 0) < 2e-5, step
+        assert rel(fused.queue, plain.queue) < 5e-6 and torch.equal(fused.queue_ptr, plain.queue_ptr)
     assert int(fused.queue_ptr) == (4 * 8) % 28
