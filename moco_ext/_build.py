@@ -35,16 +35,22 @@ def requested_arch_list():
     return ";".join(f"{a}.{b}" for a, b in caps) + "+PTX" if caps else DEFAULT_CUDA_ARCHS
 
 
-def supported_arch_list(arch_list):
-    """-> (the entries the kernels compile for, joined by ';', "" if none; the entries dropped). An entry
-    below MIN_CUDA_ARCH ("7.5", "7.0+PTX") would make nvcc fail on the whole build, CPU kernels included."""
-    kept, dropped = [], []
+def _entries(arch_list):
+    """"8.0;9.0+PTX" -> (entry, its _ENTRY match) for each entry; ValueError naming one that is not an arch."""
     for entry in arch_list.replace(" ", ";").split(";"):
         if not entry:
             continue
         m = _ENTRY.fullmatch(entry)
         if m is None:
             raise ValueError(f"moco_ext: TORCH_CUDA_ARCH_LIST entry {entry!r} is not like 8.6, 9.0a or 9.0+PTX")
+        yield entry, m
+
+
+def supported_arch_list(arch_list):
+    """-> (the entries the kernels compile for, joined by ';', "" if none; the entries dropped). An entry
+    below MIN_CUDA_ARCH ("7.5", "7.0+PTX") would make nvcc fail on the whole build, CPU kernels included."""
+    kept, dropped = [], []
+    for entry, m in _entries(arch_list):
         (kept if (int(m.group(1)), int(m.group(2))) >= MIN_CUDA_ARCH else dropped).append(entry)
     return ";".join(kept), dropped
 
@@ -72,12 +78,7 @@ def with_cuda(toolkit_found):
 def cuda_codes(arch_list):
     """"8.0;9.0+PTX" -> ["sm_80", "sm_90", "compute_90"]: the code objects nvcc puts in the library."""
     codes = []
-    for entry in arch_list.replace(" ", ";").split(";"):
-        if not entry:
-            continue
-        m = _ENTRY.fullmatch(entry)
-        if m is None:
-            raise ValueError(f"moco_ext: TORCH_CUDA_ARCH_LIST entry {entry!r} is not like 8.6, 9.0a or 9.0+PTX")
+    for entry, m in _entries(arch_list):
         arch = m.group(1) + m.group(2) + m.group(3)
         codes += [f"sm_{arch}"] + ([f"compute_{arch}"] if m.group(4) else [])
     if not codes:

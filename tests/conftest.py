@@ -36,6 +36,26 @@ def image_folder(tmp_path_factory):
     return str(root)
 
 
+
+@pytest.fixture(scope="session")
+def moco_ckpt(tmp_path_factory, image_folder):
+    """A 1-step moco.py checkpoint (basic32, batch 32, K 64) on image_folder: the evaluation tests' encoder."""
+    import moco
+    out = str(tmp_path_factory.mktemp("moco"))
+    moco.main(["--data", image_folder, "--dataset", "folder", "--out", out, "--max-steps", "1", "--batch-size", "32",
+               "--moco-k", "64", "--bn-splits", "1", "--workers", "0", "--knn-every", "0"])
+    return os.path.join(out, "ckpt.pt")
+
+
+def load_by_path(relpath):
+    """A repository file (e.g. "tests/bench_train.py") loaded as a module by its path, not left in sys.modules."""
+    import importlib.util
+    name = relpath.replace("/", "_").removesuffix(".py") + "_under_test"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 def in_process(main, *argv, check=False):
     """A script's main(argv) in this process -> a CompletedProcess-like (returncode, stdout, stderr); check: a
     non-zero exit raises with its output. The same run as `python SCRIPT argv` without a new interpreter, whose

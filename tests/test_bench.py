@@ -4,7 +4,6 @@ stages of tests/gpu_check.sh run as dry runs (GPU_CHECK_DRY=1: CUDA steps skippe
 plans of the GPU run (GPU_CHECK_PLAN=1: every command checked, none run), so that only a GPU can make them fail;
 stage 1's dry run is check_kernels.py's CPU run, stage 3's the toy runs of bench_infonce.py, bench_train.py and
 bench_e2e.py. Also here: the FLOP count of bench_train.py with dim.py's gradient penalty, against a hand count."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import load_by_path
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,11 +150,7 @@ def test_bench_curves(tmp_path):
 
 def load_bench_train():
     """tests/bench_train.py as a module, by path (not left in sys.modules)."""
-    path = os.path.join(ROOT, "tests", "bench_train.py")
-    spec = importlib.util.spec_from_file_location("bench_train_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_by_path("tests/bench_train.py")
 
 
 def test_dim_flops_with_gradient_penalty():

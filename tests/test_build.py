@@ -1,24 +1,16 @@
 """How moco_ext is built and loaded, without building it: the CUDA architecture list (moco_ext/_build.py, read
 by setup.py and the just-in-time build) and MOCO_EXT_EXPECT_BUILT (CI: the pip-built library or an error)."""
 import importlib
-import importlib.util
-import os
 import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from conftest import load_by_path
 
 @pytest.fixture
 def build():
     """moco_ext/_build.py loaded by path, as setup.py loads it (no library needed; not left in sys.modules)."""
-    path = os.path.join(ROOT, "moco_ext", "_build.py")
-    spec = importlib.util.spec_from_file_location("moco_ext_build_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_by_path("moco_ext/_build.py")
 
 
 @pytest.mark.parametrize("requested,kept,dropped", [

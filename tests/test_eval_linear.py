@@ -3,7 +3,6 @@ every image each epoch, the last partial batch kept, raw features, lr 30, best a
 top-1 of our cached-feature probe, the lr schedules that follow --epochs, and a --help that states every default.
 A tiny moco.py checkpoint on the 3-class image folder of conftest.py (108 training / 12 test images, 32 px)."""
 import json
-import os
 import re
 
 import pytest
@@ -17,12 +16,9 @@ from conftest import in_process
 QUICK = ["--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, image_folder):
-    out = str(tmp_path_factory.mktemp("moco"))
-    moco.main(["--data", image_folder, "--dataset", "folder", "--out", out, "--max-steps", "1", "--batch-size", "32",
-               "--moco-k", "64", "--bn-splits", "1", "--workers", "0", "--knn-every", "0"])
-    return os.path.join(out, "ckpt.pt")
+@pytest.fixture
+def ckpt(moco_ckpt):
+    return moco_ckpt
 
 
 def parse(*flags):

@@ -17,12 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "--workers", "0", "--device", "cpu", "--batch-size", "16"]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, image_folder):
-    out = str(tmp_path_factory.mktemp("moco"))
-    moco.main(["--data", image_folder, "--dataset", "folder", "--out", out, "--max-steps", "1", "--batch-size", "32",
-               "--moco-k", "64", "--bn-splits", "1", "--workers", "0", "--knn-every", "0"])
-    return os.path.join(out, "ckpt.pt")
+@pytest.fixture
+def ckpt(moco_ckpt):
+    return moco_ckpt
 
 
 def evaluate(ckpt, out, *flags, spy=None):
