@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import load_by_path
 
+
 @pytest.fixture
 def build():
     """moco_ext/_build.py loaded by path, as setup.py loads it (no library needed; not left in sys.modules)."""
