@@ -36,7 +36,6 @@ def image_folder(tmp_path_factory):
     return str(root)
 
 
-
 @pytest.fixture(scope="session")
 def moco_ckpt(tmp_path_factory, image_folder):
     """A 1-step moco.py checkpoint (basic32, batch 32, K 64) on image_folder: the evaluation tests' encoder."""
@@ -55,6 +54,7 @@ def load_by_path(relpath):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
 
 def in_process(main, *argv, check=False):
     """A script's main(argv) in this process -> a CompletedProcess-like (returncode, stdout, stderr); check: a

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import load_by_path
 import torch.nn as nn
+from conftest import load_by_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 slow = pytest.mark.slow
