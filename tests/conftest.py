@@ -56,6 +56,11 @@ def load_by_path(relpath):
     return mod
 
 
+def whole(percent, n):
+    """Whether `percent` is a whole number of the n test images (a top-1 on the right test set, not just finite)."""
+    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-3  # float32 means: not exact
+
+
 def in_process(main, *argv, check=False):
     """A script's main(argv) in this process -> a CompletedProcess-like (returncode, stdout, stderr); check: a
     non-zero exit raises with its output. The same run as `python SCRIPT argv` without a new interpreter, whose

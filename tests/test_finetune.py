@@ -12,6 +12,7 @@ import torch
 
 import eval_linear
 import moco
+from conftest import whole
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "--workers", "0", "--device", "cpu", "--batch-size", "16"]
@@ -92,11 +93,6 @@ def test_label_subset_skips_unlabelled_images():
 # ----------------------------------------------------------------------------------------------------
 # Fine-tuning
 # ----------------------------------------------------------------------------------------------------
-def whole(percent, n):
-    """Whether `percent` is a whole number of the n test images (a top-1 on the right test set, not just finite)."""
-    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-3  # float32 means: not exact
-
-
 def test_finetune_changes_the_backbone_and_the_probe_does_not(ckpt, tmp_path):
     """The encoder eval_linear trained, compared with a fresh copy of the checkpoint's: every tensor the same
     after the frozen probe; weights and BN statistics moved after --finetune, whose lrs the JSON records."""

@@ -12,7 +12,7 @@ import torch
 
 import moco
 from bench_e2e import write_idx  # tests/ is on sys.path (pytest's rootdir-less import of the test folder)
-from conftest import in_process
+from conftest import in_process, whole
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,11 +26,6 @@ def small_idx_folder(tmp_path):
         write_idx(data / f"{split}-images-idx3-ubyte.gz", x[sl])
         write_idx(data / f"{split}-labels-idx1-ubyte.gz", y[sl])
     return data
-
-
-def whole(percent, n):
-    """Whether `percent` is a whole number of the n test images (a top-1 on the right test set, not just finite)."""
-    return abs(percent * n / 100 - round(percent * n / 100)) < 1e-3  # float32 means: not exact
 
 
 def run_study(argv, process=False):
