@@ -44,7 +44,6 @@ import json
 import os
 import pickle
 import re
-import sys
 
 import torch
 import torch.nn as nn
@@ -271,19 +270,21 @@ EXTENSIONS = ((".pth.tar", "moco"), (".pkl", "detectron2"), (".pth", "torchvisio
 # ----------------------------------------------------------------------------------------------------
 def write(files):
     """{path: a function that writes the file to an open binary file}: each to a temporary file, fsync'd, then
-    all renamed: OUT and its sidecar are either complete or untouched."""
-    tmps, path = {}, None
+    all renamed: OUT and its sidecar are either complete or untouched. A failed write (a full disk, a file-size
+    limit) is one line."""
+    tmps, path, f = {}, None, None
     try:
         for path, dump in files.items():
             tmps[path] = f"{path}.tmp.{os.getpid()}"
-            with open(tmps[path], "wb") as f:
+            with open(tmps[path], "wb", buffering=0) as raw:
+                f = moco.WholeWrites(raw)  # keeps the OSError that torch.save reports as a RuntimeError
                 dump(f)
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(raw.fileno())
         for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            moco.move(tmp, path)
+    except (OSError, RuntimeError) as e:
+        e = f.error if f is not None and isinstance(f.error, OSError) else e
+        raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[-1]}") from None
     finally:
         for tmp in tmps.values():
             if os.path.exists(tmp):
@@ -299,6 +300,9 @@ def convert(ckpt_path, out, to=None):
     if os.path.exists(out) and os.path.exists(ckpt_path) and os.path.samefile(out, ckpt_path):
         raise UserError(f"OUT {out} is CKPT: choose another file name")
     ckpt = load_checkpoint(ckpt_path)
+    missing = [k for k in ("model", "args") if k not in ckpt]
+    if ckpt.get("algo") in ("moco", "dim") and missing:
+        raise UserError(f"{ckpt_path} lacks {', '.join(map(repr, missing))}: not a whole checkpoint")
     if to == "torchvision":
         state, info = to_torchvision(ckpt, ckpt_path, out)
         write({f"{out}.json": lambda f: f.write(json.dumps(info, indent=1).encode() + b"\n"),
@@ -322,11 +326,7 @@ def main(argv=None):
                                ".pth.tar official MoCo")
     p.add_argument("--to", choices=FORMATS, help="output format (default: from OUT's extension)")
     args = p.parse_args(argv)
-    try:
-        convert(args.ckpt, args.out, args.to)
-    except UserError as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(2)
+    moco.main(argv, lambda _: convert(args.ckpt, args.out, args.to))  # every error as one line (moco.py's)
 
 
 if __name__ == "__main__":

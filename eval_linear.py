@@ -28,7 +28,6 @@ Commands
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -86,6 +85,11 @@ class Args:
                           "(default: start anew)")
     save_on_signal: str = arg("TERM,USR1", "signals that stop the probe's training after the current step with a "
                                            "checkpoint (exit status 75); empty = none (default TERM,USR1)")
+    bad_images: str = arg("stop", "an image that cannot be read: stop, or replace (the next readable image of its "
+                                  "split stands in, listed in OUT's .bad_images.txt) (default stop)",
+                          ("stop", "replace"))
+    check_images: bool = arg(False, "decode every image of the data in parallel, list the unreadable ones and exit "
+                                    "(status 0: none, 2: some) (default: off)")
 
 
 # NOTE(deviation): lr 0.1 on standardised features (a fixed affine map: the probe stays linear), because lr 30 on
@@ -139,9 +143,7 @@ def check_flags(args, world):
         (args.label_fraction is not None and not 0 < args.label_fraction <= 1,
          f"--label-fraction {args.label_fraction} must be in (0, 1]"),
         (args.labels_per_class is not None and args.labels_per_class < 1,
-         f"--labels-per-class {args.labels_per_class} must be >= 1"),
-        (moco.bad_signals(args.save_on_signal),
-         f"--save-on-signal {args.save_on_signal!r}: {moco.bad_signals(args.save_on_signal)}")]:
+         f"--labels-per-class {args.labels_per_class} must be >= 1")]:
         if bad:
             raise UserError(msg)
 
@@ -168,11 +170,11 @@ def moco_backbone(state, arch, stem, random_init):
     net = moco.build_encoder(arch, stem)
     net.fc = nn.Identity()
     if not random_init:
-        missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
-                                                  strict=False)
-        if missing or unexpected:
-            raise UserError(f"checkpoint does not match --arch {arch}: {len(missing)} missing keys "
-                            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        wrong = moco.mismatch(net, state)
+        if wrong:
+            raise UserError(f"checkpoint does not match --arch {arch}: {wrong}")
+        net.load_state_dict(state)
     return net
 
 
@@ -180,6 +182,9 @@ def load_encoder(args):
     """-> (frozen encoder: images -> features, {data, dataset, image_size, algo}) of a moco.py, dim.py or official
     MoCo checkpoint, read by moco.py's loader."""
     ckpt = moco.load_checkpoint(args.pretrained)
+    missing = [k for k in ("model", "args") if k not in ckpt]
+    if ckpt.get("algo") in ("moco", "dim") and missing:  # never a random encoder in disguise
+        raise UserError(f"{args.pretrained} lacks {', '.join(map(repr, missing))}: not a whole checkpoint")
     if ckpt.get("algo") == "dim":
         import dim  # dim.py rebuilds its own encoders and taps (conv, fc, y)
         if args.random_init:
@@ -399,6 +404,9 @@ def evaluate(args, stop):
     classes = int(max(train_y.max(), test_y.max())) + 1
     knn = moco.knn_top1(train_f, train_y, test_f, test_y)
     say = print if rank == 0 else (lambda *a, **k: None)
+    if len(set(train_y.tolist())) < 2:
+        say("note: the training split has one class: every accuracy is 100% whatever the features (it measures "
+            "nothing)")
     say(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
         f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
@@ -434,8 +442,7 @@ def evaluate(args, stop):
                   labels_per_class=args.labels_per_class, seconds=time.perf_counter() - t0, per_epoch=per_epoch,
                   label_idx=label_idx)
     if rank == 0:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        moco.replace_file(out, lambda f: f.write(json.dumps(result, indent=1).encode()), "result")
     best_text = "" if args.finetune else f"; best {best['top1']:.2f} at epoch {best['epoch']}, chosen on the test set"
     say(f"{args.probe} {'fine-tuned' if args.finetune else 'probe'} on {args.layer}: top-1 {top1:.2f} (last epoch"
         f"{best_text}) top-5 {top5:.2f} kNN top-1 {knn:.2f} (sanity check passed) -> {out}")
@@ -460,9 +467,10 @@ def output_path(args):
 def datasets(args, ck):
     """-> (labelled training images, or the --label-fraction / --labels-per-class subset of them; labelled test
     images; normalisation stats name; the subset's positions in the training split as loaded, or None)."""
-    data = moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
-                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
-    train_set, test_set, stats = moco.load_data(data)
+    train_set, test_set, stats = moco.load_data(data_args(args, ck))
+    for ds in (train_set, test_set):  # --bad-images replace: the bad files listed beside the result
+        if isinstance(moco.base_of(ds), moco.Folder) and args.bad_images == "replace":
+            moco.base_of(ds).bad_log = os.path.splitext(output_path(args))[0] + ".bad_images.txt"
     hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
     labelled_set = moco.labelled(train_set, "the training split", hint)
     test_set = moco.labelled(test_set, "the test split", hint)
@@ -516,23 +524,24 @@ def sanity_check(encoder, before, finetune):
             raise RuntimeError(f"sanity check failed: backbone tensor {k} changed during probe training")
 
 
+def data_args(args, ck):
+    """The data flags moco.load_data reads: the given ones, else the checkpoint's."""
+    return moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
+                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
+
+
+def run(argv):
+    args = parse_args(argv)
+    if args.check_images:
+        moco.check_images(data_args(args, moco.load_checkpoint(args.pretrained) if args.data is None else {}))
+    moco.catch_signals(args.save_on_signal, "stopped by a signal before the probe's training: nothing to save yet")
+    return evaluate(args, moco.StopOnSignals())
+
+
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        with moco.StopOnSignals(args.save_on_signal) as stop:
-            return evaluate(args, stop)
-    except UserError as e:  # the message of one raised in a data-loader worker ends with the UserError line
-        print(f"error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
-    except torch.OutOfMemoryError:
-        print("error: out of memory: lower --batch-size", file=sys.stderr)
-        sys.exit(3)
-    except Exception as e:  # a stop signal, or a peer of torchrun that stopped (its collective failed) meanwhile
-        if not isinstance(e, moco.Preempted) and moco.STOP["signal"] is None:
-            raise
-        if str(e):
-            print(str(e), file=sys.stderr)
-        sys.exit(moco.PREEMPTED)
+    """moco.py's main(): every way the evaluation ends is one line and an exit status (2 a user's error, 3 out of
+    memory, 75 stopped by a signal with the probe's checkpoint written, 130 interrupted)."""
+    return moco.main(argv, run, "lower --batch-size")
 
 
 if __name__ == "__main__":

@@ -27,12 +27,15 @@ training loop; the appendices hold the plumbing shared with dim.py (data, kNN mo
 
 Deliberately left out: MoCo v3 (no queue, ViT), LARS, an online linear probe.
 """
+import contextlib
 import dataclasses
 import gzip
 import json
 import math
 import os
+import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -88,6 +91,12 @@ class Args:
     save_on_signal: str = arg("TERM,USR1", "signals that stop the run after the current step with a checkpoint (exit "
                                            "status 75), e.g. from a scheduler; empty = none")
     overwrite: bool = arg(False, "start a fresh run in an --out that holds another run's checkpoint (it is replaced)")
+    bad_images: str = arg("stop", "an image that cannot be read: stop (one line naming it and the ways on) or "
+                                  "replace (the next readable image of its split stands in, each bad file listed once "
+                                  "in OUT/bad_images.txt: the data keep their size and order, a resumed run stays "
+                                  "exact)", ("stop", "replace"))
+    check_images: bool = arg(False, "decode every image of --data in parallel, list the unreadable ones and exit "
+                                    "(status 0: none, 2: some)")
     preset: str = arg("small", "a recipe the other flags override: small (ours: the built-in data on a CPU), v1 and v2 "
                                "(main_moco.py's MoCo v1/v2), cifar (the official CIFAR-10 notebook)",
                       ("small", "v1", "v2", "cifar"))
@@ -610,25 +619,61 @@ def adjust_lr(opt, epoch, args):
 PREEMPTED = 75  # exit status of a run stopped by --save-on-signal after writing its checkpoint (EX_TEMPFAIL: try again)
 
 
-def main(argv=None):
+def main(argv=None, body=None, oom="lower --batch-size (and --lr with it), or add --amp"):
+    """train(argv) (eval_linear.py: its own body), and every way it can end as at most one line and an exit status: 0
+    done, 2 an error the user can fix, 3 out of memory, 75 stopped by a signal with its checkpoint written (0 under
+    torchrun, whose agent restarts a worker that exits otherwise: OUT/status says stopped), 130 interrupted, 1 the
+    end of another process of the run or of a loader process. An error that is none of these is a bug: its traceback."""
+    STOP.update({"signal": None, "raise": None, "kept": "nothing was written", "status": None, "lock": None, "old": {}})
     try:
-        train(argv)
-    except UserError as e:  # raised here or in a data-loader worker (then the message carries its traceback)
-        msg = str(e).strip().splitlines()[-1]
-        print(f"error: {msg.split('UserError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
-    except torch.OutOfMemoryError:
-        print("error: out of memory: lower --batch-size (and --lr with it), or add --amp", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # a stop signal, or a peer of torchrun that stopped (its collective failed) meanwhile
-        if not isinstance(e, Preempted) and STOP["signal"] is None:
+        return (body or train)(argv)
+    except (Exception, KeyboardInterrupt) as e:
+        code, msg = ending(e, oom)
+        if msg:
+            print(msg, file=sys.stderr, flush=True)
+        write_status(msg if code in (0, PREEMPTED, 130) else f"failed: {msg.removeprefix('error: ') or repr(e)[:300]}")
+        if code is None:
             raise
-        if str(e):
-            print(str(e), file=sys.stderr)
-        sys.exit(PREEMPTED)
+        sys.exit(code)
+    finally:  # loader processes ignore the stop signals: left alive, they would hold the exit for ever
+        end_loaders()
+        for name, old in STOP["old"].items():
+            signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL if old is None else old)
+        release_lock()
+
+
+def ending(e, oom):
+    """-> (exit status, one line) of an exception that ended the run, or (None, '') for a bug."""
+    text = str(e).strip()
+    if isinstance(e, KeyboardInterrupt):
+        return 130, f"interrupted; {STOP['kept']}"
+    if isinstance(e, UserError):  # raised here or in a data-loader worker (then the message carries its traceback)
+        return 2, "error: " + text.splitlines()[-1].split("UserError: ", 1)[-1]
+    if isinstance(e, torch.OutOfMemoryError):
+        return 3, f"error: out of memory: {oom}"
+    if isinstance(e, Preempted) or STOP["signal"] is not None:  # a stop, or a peer's stop failed a collective
+        return (0 if "TORCHELASTIC_RUN_ID" in os.environ else PREEMPTED), text if isinstance(e, Preempted) else ""
+    cause = text.splitlines()[-1].removeprefix("RuntimeError: ")[:300] if text else type(e).__name__
+    if "shared memory" in cause or "</torch_" in cause:  # a loader's batch in /dev/shm
+        return 1, (f"error: the data loader's shared memory (/dev/shm) cannot take a batch ({cause.split(': ')[-1]}): "
+                   f"give it more room (docker run --shm-size=8g), or run with --workers 0; {STOP['kept']}")
+    if "DataLoader worker" in text:  # killed (e.g. by the kernel's out-of-memory killer), or its own error
+        return 1, f"error: a data loader process failed ({cause}): try fewer --workers; {STOP['kept']}"
+    if world_info()[1] > 1 and isinstance(e, (RuntimeError, dist.DistError)):  # a collective whose peer ended
+        return 1, f"error: another process of this run ended (its message says why): {text.splitlines()[0][:200]}"
+    return None, ""
+
+
+def end_loaders():
+    """Kill the data loader processes that are still alive (an error left their iterator unfinished)."""
+    import multiprocessing
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main_thread else None  # or torch's handler would report
+    for p in multiprocessing.active_children():  # each of them as a failure
+        p.kill()
+        p.join(10)
+    if main_thread:
+        signal.signal(signal.SIGCHLD, old)
 # --- end shared: main ---
 
 
@@ -679,31 +724,102 @@ class ArrayData(torch.utils.data.Dataset):
 
 
 def read_image(path):
-    """The image folders' loader: an unreadable or truncated image stops the run with its path (documented)."""
+    """The image folders' loader: an unreadable or truncated image stops the run with its path and the ways on."""
     try:
         with Image.open(path) as img:
             return to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({e}); remove or replace it")
+        raise UserError(f"cannot read image {path} ({e}): --bad-images replace carries on with the next image in its "
+                        "place (a resumed run stays exact), --check-images lists every unreadable one; or replace the "
+                        "file (without it the data set changes, and a resumed run refuses it)")
 
 
 class Folder(torchvision.datasets.DatasetFolder):
     """ROOT/<class>/**/<image> with ImageFolder's conventions: the classes are the sorted sub-folders (hidden ones
     such as .ipynb_checkpoints left out), the images are found recursively in each (Tiny ImageNet's
-    train/<wnid>/images/*.JPEG). `classes` (train's) labels another split (val) by class name."""
+    train/<wnid>/images/*.JPEG). `classes` (train's) labels another split (val) by class name. With `bad_log` (a
+    file: --bad-images replace) an unreadable image's next readable one stands in, and its path is listed there."""
 
     def __init__(self, root, classes=None):
-        self.given = classes
+        self.given, self.bad_log = classes, None
         super().__init__(root, read_image, IMG_EXT, allow_empty=True)
         for c in sorted(set(self.classes) - {self.classes[y] for y in self.targets}):
             if os.path.isdir(os.path.join(root, c)):  # val may lack a class folder, but not hold an empty one
                 raise UserError(f"class folder {os.path.join(root, c)} has no images")
 
     def find_classes(self, root):
-        classes = self.given or sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+        try:
+            classes = self.given or sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+        except OSError as e:  # no permission
+            raise UserError(f"cannot read {root} ({e.strerror})") from None
         if not classes:
             raise UserError(f"{root} has no class folders (expected {root}/<class>/<image>)")
         return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(root, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """ImageFolder's list of (path, label), except that a folder it cannot read stops the run in one line
+        (torchvision's os.walk would skip it without a word)."""
+        def fail(e):
+            raise UserError(f"cannot read {e.filename} ({e.strerror})")
+        samples = []
+        for c in sorted(class_to_idx):
+            if os.path.isdir(os.path.join(root, c)):
+                for d, _, files in sorted(os.walk(os.path.join(root, c), onerror=fail, followlinks=True)):
+                    samples += [(os.path.join(d, f), class_to_idx[c]) for f in sorted(files)
+                                if f.lower().endswith(IMG_EXT)]
+        return samples
+
+    def __getitem__(self, i):
+        for j in range(len(self.samples) if self.bad_log else 1):
+            path, y = self.samples[(i + j) % len(self.samples)]
+            try:
+                return read_image(path), y
+            except UserError:
+                if not self.bad_log:
+                    raise
+                with open(self.bad_log, "a+") as f:  # once per file, from any loader process (a short append)
+                    f.seek(0)
+                    if path + "\n" not in f.readlines():
+                        f.write(path + "\n")
+        raise UserError(f"no image of {self.root} can be read")
+
+
+def base_of(ds):
+    """The data set under a chain of Subsets."""
+    return base_of(ds.dataset) if isinstance(ds, torch.utils.data.Subset) else ds
+
+
+def check_images(args):
+    """--check-images: decode every image file of --data's splits in parallel (a JPEG at 1/8 size: every byte is
+    still decoded), list the unreadable ones, and exit: status 0 if none, 2 if some."""
+    import multiprocessing
+    folders = {id(f): f for f in map(base_of, load_data(args)[:2]) if isinstance(f, Folder)}.values()
+    paths = sorted({p for f in folders for p, _ in f.samples})
+    procs, t0 = usable_cpus(), time.perf_counter()
+    with multiprocessing.Pool(procs) as pool:
+        why = pool.map(decode_error, paths, chunksize=max(1, min(64, len(paths) // (4 * procs))))
+    bad = [(p, w) for p, w in zip(paths, why) if w]
+    for p, w in bad:
+        print(f"unreadable: {p} ({w})", flush=True)
+    dt = time.perf_counter() - t0
+    print(f"checked {len(paths)} images in {dt:.1f}s ({len(paths) / max(dt, 1e-9):.0f} images/s, {procs} processes): "
+          f"{len(bad)} unreadable" + ("" if folders else f" (--dataset {args.dataset} is read whole when it loads)"))
+    if bad:
+        raise UserError(f"{len(bad)} of {len(paths)} images cannot be read (listed above): replace them, or train "
+                        "with --bad-images replace")
+    sys.exit(0)
+
+
+def decode_error(path):
+    """'' if the image at `path` decodes, else why not."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            to_rgb(img)
+        return ""
+    except Exception as e:
+        return str(e) or type(e).__name__
 
 
 def targets(ds):
@@ -939,29 +1055,36 @@ class Preempted(Exception):
     """A stop signal ended the run after its checkpoint was written; main() exits with PREEMPTED."""
 
 
-STOP = {"signal": None, "raise": None}  # the stop signal received, and the message to raise at once (kNN monitor)
+# the stop signal received; the message to raise at once outside the steps (start-up, kNN monitor); what a failure
+# leaves (main()'s line); rank 0's OUT/status and OUT/run.lock; the handlers catch_signals() replaced
+STOP = {"signal": None, "raise": None, "kept": "nothing was written", "status": None, "lock": None, "old": {}}
+
+
+def catch_signals(names, now):
+    """--save-on-signal: from here until main() returns, each of these signals (SIGTERM from a scheduler, SIGUSR1 ahead
+    of a time limit) asks the run to stop: after the current optimisation step while it trains, at once with the
+    message `now` elsewhere (STOP["raise"]). A second signal changes nothing. main() puts the old handlers back."""
+    if bad_signals(names):
+        raise UserError(f"--save-on-signal {names!r}: {bad_signals(names)}")
+    STOP["raise"] = now
+    if threading.current_thread() is threading.main_thread():  # Python sets handlers in the main thread only
+        for name in [n.strip().upper().removeprefix("SIG") for n in names.split(",") if n.strip()]:
+            STOP["old"].setdefault(name, signal.signal(getattr(signal, "SIG" + name), StopOnSignals.handler))
 
 
 class StopOnSignals:
-    """--save-on-signal: while the run trains, each of these signals (SIGTERM from a scheduler, SIGUSR1 ahead of a
-    time limit) asks it to stop after the current optimisation step instead of dying. Under torchrun every rank must
-    stop at the same step: each step's flags are combined (max) over the ranks while the next step runs, so every
-    rank reads the same answer one step later, with no wait on the hot path. The previous handlers come back on exit."""
+    """The stop signals caught by catch_signals(), agreed on by the ranks: under torchrun every rank must stop at the
+    same step, so each step's flags are combined (max) over the ranks while the next step runs, and every rank reads
+    the same answer one step later, with no wait on the hot path."""
 
-    def __init__(self, names, world=1, group=None):
-        self.names = [n.strip().upper().removeprefix("SIG") for n in names.split(",") if n.strip()]
-        self.world, self.group, self.pending, self.old, self.now = world, group, None, {}, False
+    def __init__(self, world=1, group=None):
+        self.world, self.group, self.pending, self.now = world, group, None, False
 
     def __enter__(self):
-        STOP.update({"signal": None, "raise": None})
-        if threading.current_thread() is threading.main_thread():  # Python sets handlers in the main thread only
-            for name in self.names:
-                self.old[name] = signal.signal(getattr(signal, "SIG" + name), self.handler)
+        STOP["raise"] = None
         return self
 
     def __exit__(self, *exc):
-        for name, old in self.old.items():
-            signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL if old is None else old)
         if exc[0] is None:
             self.settle()
 
@@ -1038,8 +1161,8 @@ def usable_cpus():
 
 
 class WholeWrites:
-    """An unbuffered file whose write() writes every byte or raises the OSError that stopped it: a short write (a
-    file-size limit, a full disk) would reach torch.save's writer as a mere position mismatch."""
+    """An unbuffered file whose write() writes every byte or raises what stopped it, and keeps it: torch.save's writer
+    turns a short write (a file-size limit, a full disk) and even Ctrl-C into a mere position mismatch."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -1049,7 +1172,7 @@ class WholeWrites:
         try:
             while view:
                 view = view[self.f.write(view):]
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
         return len(b)
@@ -1058,52 +1181,78 @@ class WholeWrites:
         pass
 
 
-def replace_file(path, write, what="file"):
+def replace_file(path, write, what="file", prev=None):
     """write(f) into a temporary file beside `path`, fsync, rename: `path` is either the old file or the new one,
-    never half of one. A failed write (disk full, quota, file-size limit) removes the temporary file and stops the
-    run in one line; the old file stays as it was."""
+    never half of one (the old one moved to `prev` first, if given). A failed write (disk full, quota, file-size
+    limit) removes the temporary file and stops the run in one line; the old file stays as it was."""
     tmp, f = f"{path}.tmp.{os.getpid()}", None
     try:
         with open(tmp, "wb", buffering=0) as raw:
             f = WholeWrites(raw)
             write(f)
             os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if prev and os.path.exists(path):
+            os.replace(path, prev)
+        move(tmp, path)
+    except BaseException as e:  # torch.save reports a failed write (and Ctrl-C) as a RuntimeError: f.error says why
         if os.path.exists(tmp):
             os.remove(tmp)
         e = f.error if f is not None and f.error is not None else e
+        if not isinstance(e, (OSError, RuntimeError)):  # Ctrl-C, a stop signal outside the steps
+            raise e from None
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-        raise UserError(f"cannot write {what} {path}: {cause}; the previous one is intact") from None
+        old = "; the previous one is intact" if os.path.exists(path) else ""
+        raise UserError(f"cannot write {what} {path}: {cause}{old}") from None
 
 
-def save_checkpoint(state, path):
-    replace_file(path, lambda f: torch.save(state, f), "checkpoint")
+def move(src, dst):
+    """os.replace, then fsync of the folder: the rename itself survives a power cut."""
+    os.replace(src, dst)
+    fd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state, path, prev=None):
+    replace_file(path, lambda f: torch.save(state, f), "checkpoint", prev)
 
 
 def append_line(path, line):
     """One line at the end of a text file, whole or not at all (a failed write is cut off again)."""
-    with open(path, "ab") as f:
-        size = f.tell()
-        try:
-            f.write((line + "\n").encode())
-            f.flush()
-        except OSError as e:
-            f.truncate(size)
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with open(path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write((line + "\n").encode())
+                f.flush()
+            except OSError:
+                f.truncate(size)
+                raise
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def load_checkpoint(path, algo=None):
-    """-> the checkpoint dict at `path`, of `algo` (moco, dim) if given; every script's one loader."""
+def load_checkpoint(path, algo=None, need=(), ways=""):
+    """-> the checkpoint dict at `path`, of `algo` (moco, dim) if given, with the entries `need`; every script's one
+    loader. Only tensors, numbers, strings, lists and dicts are read (weights_only): loading a file runs no code."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or an object that only code could rebuild
+        if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
+            raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint{ways}")
+        what = str(e).split("GLOBAL ", 1)[-1].split()[0] if "GLOBAL " in str(e) else "objects"
+        raise UserError(f"{path} holds {what}, not only tensors, numbers, strings, lists and dicts: not loaded, as "
+                        "loading it could run code") from None
     if not isinstance(ckpt, dict) or algo and ckpt.get("algo") != algo:
         found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a {algo + '.py checkpoint' if algo else 'checkpoint dict'} (found: {found})")
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: not a whole checkpoint{ways}")
     return ckpt
 
 
@@ -1168,37 +1317,74 @@ def parse_args(argv=None, cls=None, presets=None):
         else:
             p.add_argument(name, type=f.type, choices=f.metadata["choices"], help=text)
     given = vars(p.parse_args(argv))
+    for k, v in given.items():  # the values meet float32 tensors (lr, T, momentum, ...): 1e39 would be inf there
+        if isinstance(v, float) and math.isfinite(v) and abs(v) > torch.finfo(torch.float32).max:
+            raise UserError(f"--{k.replace('_', '-')} {v} does not fit a float32 (at most 3.4e38 in size)")
     chosen = presets.get(given.get("preset", preset), {})  # the parser checked its name
     return cls(**{**chosen, **given}), given
 # --- end shared: utilities ---
 
 
 # --- shared: run ---
+RESUME_NEEDS = ("algo", "epoch", "step_in_epoch", "step", "rng", "args")  # beside the state (model, optimizer, ...)
+OWN_FILES = ("ckpt.pt", "ckpt.pt.prev", "args.json", "metrics.jsonl", "status")  # a run's files in OUT
+
+
 class Run:
     """The plumbing of one training run, the same in moco.py and dim.py: arguments (a resumed run takes its
     checkpoint's, then the flags given again, and says what changed), checks before any work, device and torchrun,
-    the output folder (never another run's) and its log, data, resume, the step loop with logging, checkpoints, the
-    kNN monitor and stop signals. The script's train() builds the model and hands fit() a function that takes one
-    optimisation step."""
+    the output folder (its run's alone) and its log, data, resume, the step loop with logging, checkpoints, the kNN
+    monitor and stop signals. The script's train() builds the model and hands fit() a function that takes one
+    optimisation step. Checkpoints: nothing non-finite is written, and one counts as kept once the step after it gave
+    a finite loss (one update can blow the weights up to 1e19 while they and the loss before it are still finite):
+    until then the one before stays as OUT/ckpt.pt.prev, and a run that diverges puts it back."""
 
     def __init__(self, argv, algo):
         args, given = parse_args(argv)
+        if args.check_images:
+            check_images(args)
+        catch_signals(args.save_on_signal, "stopped by a signal before the first step: nothing new to save")
+        if args.resume not in ("", "auto") and "out" not in given:  # a checkpoint's run goes on in its own folder
+            args.out = os.path.dirname(args.resume) or "."
+        given["out"] = args.out  # the folder is this command's, never the checkpoint's (it may have moved)
         self.algo, self.path, self.ckpt, self.src, notes = algo, os.path.join(args.out, "ckpt.pt"), None, None, []
-        if args.resume:
+        self.pending, self.kept, self.files, self.nan_hint = None, None, {}, "a lower --lr"
+        if args.resume == "auto" and args.overwrite:
+            notes.append(f"note: --overwrite: a fresh run, whatever {self.path} holds")
+        elif args.resume:
             self.src = self.path if args.resume == "auto" else args.resume
+            if args.resume == "auto" and not os.path.exists(self.path) and os.path.exists(self.path + ".prev"):
+                with contextlib.suppress(FileNotFoundError):  # killed between its two renames (another rank's?)
+                    os.replace(self.path + ".prev", self.path)
             if args.resume != "auto" or os.path.exists(self.src):
-                self.ckpt = load_checkpoint(self.src, algo)
+                ways = "; start over with --overwrite, or give --resume another checkpoint"
+                self.ckpt = load_checkpoint(self.src, algo, RESUME_NEEDS + STATE_NEEDS, ways)
                 args, notes = resumed_args(self.ckpt["args"], given, self.src)
         self.args = args = resolve(args)
         self.device, self.rank, self.world = setup_device(args)
+        STOP["raise"] = "" if self.rank else STOP["raise"]  # rank 0 speaks for all
         check_args(args, self.world, self.device)
         # stop signals are agreed on with a CPU tensor over gloo: no wait on the GPU
         self.ctrl = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
-        self.prepare_out()
+        if self.world > 1:  # every rank resumes from the same step (each machine reads --out itself)
+            steps = [None] * self.world
+            dist.all_gather_object(steps, self.ckpt and self.ckpt["step"], group=self.ctrl)
+            if len(set(steps)) > 1:
+                raise UserError(f"the processes see different checkpoints in --out {args.out} (the step each would "
+                                f"resume from, by rank: {steps}): every machine must see the same folder")
+        own = self.ckpt is not None and os.path.abspath(self.src) == os.path.abspath(self.path)
+        self.files = rank0_decides(lambda: self.prepare_out(own), self.ctrl)
+        if own and rank0_decides(lambda: os.path.exists(self.path + ".prev"), self.ctrl):  # stopped (or killed)
+            self.mark(self.ckpt.get("prev_step"), self.ckpt["step"])  # before the step after it: the resumed run's
+        else:  # first step decides
+            self.mark(self.ckpt["step"] if own else None)
         self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
         for note in notes:
             self.log(note)
-        if self.ckpt is None and args.resume == "auto":
+        if self.ckpt is not None and not own:
+            self.log(f"note: continues from {self.src} (step {self.ckpt['step']}) in {args.out}; "
+                     f"{os.path.dirname(self.src) or '.'} is left as it is")
+        if self.ckpt is None and args.resume == "auto" and not args.overwrite:
             self.log(f"note: --resume auto found no {self.path}; starting fresh")
         self.amp_dtype = self.autocast_dtype()
         last = args.channels_last == "on" or args.channels_last == "auto" and self.device.type == "cuda"
@@ -1219,35 +1405,51 @@ class Run:
             self.log(f"note: --amp on the CPU: {name} autocast, fast only on CPUs with native {name} arithmetic")
         return dtype
 
-    def prepare_out(self):
-        """The output folder is never another run's: a fresh run into a folder holding a checkpoint stops, unless
-        --overwrite. args.json is written; metrics.jsonl starts anew, or a resumed run keeps its lines up to the
-        checkpoint's step (a line logged after the checkpoint was written would otherwise appear twice)."""
+    def prepare_out(self, own):
+        """(Rank 0) The output folder is its run's alone -> the paths of its args.json and metrics.jsonl. One run at a
+        time (OUT/run.lock); a fresh run into a folder holding a checkpoint stops, unless --overwrite, which leaves
+        the old run whole until the new one has kept its first checkpoint (the new args.json and metrics.jsonl are
+        *.new until then). Temporary files of killed writers go."""
         args = self.args
-        own = self.ckpt is not None and os.path.abspath(self.src) == os.path.abspath(self.path)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:  # a file, no permission
+            raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
+        take_lock(os.path.join(args.out, "run.lock"))
         if not own and not args.overwrite and os.path.exists(self.path):
             raise UserError(f"--out {args.out} already holds a run ({self.path}): continue it with --resume auto, "
                             "choose another --out, or add --overwrite to start over")
-        if self.rank != 0:
-            return
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            if not own and os.path.exists(self.path):  # --overwrite
-                os.remove(self.path)
-        except OSError as e:  # a file, no permission
-            raise UserError(f"--out {args.out}: cannot make the output folder ({e.strerror or e})") from None
-        replace_file(os.path.join(args.out, "args.json"),
-                     lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=1).encode()), "arguments")
-        metrics = os.path.join(args.out, "metrics.jsonl")
-        keep = lines_upto(metrics, self.ckpt["step"]) if own else []
-        replace_file(metrics, lambda f: f.write("".join(keep).encode()), "metrics")
+        for name in os.listdir(args.out):  # no other run writes here (the lock): these are leftovers
+            if name.split(".tmp.")[0].removesuffix(".new") in OWN_FILES and name not in OWN_FILES:
+                os.remove(os.path.join(args.out, name))
+        new = "" if own or not os.path.exists(self.path) else ".new"
+        STOP["status"] = os.path.join(args.out, "status")
+        write_status(f"running: PID {os.getpid()} on {socket.gethostname()}")
+        return {k: os.path.join(args.out, k + new) for k in ("args.json", "metrics.jsonl")}
+
+    def open_log(self):
+        """(Rank 0, once the checkpoint is in place) args.json, and metrics.jsonl anew, or a resumed run's up to the
+        checkpoint's step (a line logged after the checkpoint would appear twice)."""
+        files, args = self.files, self.args
+        replace_file(files["args.json"], lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=1).encode()),
+                     "arguments")
+        keep = lines_upto(files["metrics.jsonl"], self.ckpt["step"]) if self.ckpt and self.kept is not None else []
+        replace_file(files["metrics.jsonl"], lambda f: f.write("".join(keep).encode()), "metrics")
+
+    def mark(self, kept, pending=None):
+        """OUT/ckpt.pt holds step `kept`, or `pending` (awaiting its next step; OUT/ckpt.pt.prev then holds `kept`)."""
+        self.kept, self.pending = kept, pending
+        step = kept if self.pending is None else self.pending
+        STOP["kept"] = (f"the last checkpoint, {self.path} (step {step}), is intact" if step is not None
+                        else f"{self.src} (step {self.ckpt['step']}) is unchanged" if self.ckpt
+                        else "no checkpoint was written")
 
     def log(self, text, **metrics):
         """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
             if metrics:
-                append_line(os.path.join(self.args.out, "metrics.jsonl"), json.dumps(metrics))
+                append_line(self.files["metrics.jsonl"], json.dumps(metrics))
 
     def data(self):
         """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
@@ -1261,12 +1463,18 @@ class Run:
         if self.ckpt is not None and self.ckpt.get("n_train", len(train_set)) != len(train_set):
             raise UserError(f"the training set has {len(train_set)} images and {self.src}'s had {self.ckpt['n_train']}: "
                             "a resumed run needs the same data (its steps and data order depend on it)")
+        self.bad_log = os.path.join(args.out, "bad_images.txt") if args.bad_images == "replace" else None
+        for ds in (train_set, test_set):
+            if isinstance(base_of(ds), Folder):
+                base_of(ds).bad_log = self.bad_log
         train_tf, self.test_tf = transforms(args, stats)
         self.sampler = EpochSampler(len(train_set), args.batch_size // self.world, args.seed, self.rank, self.world)
         self.loader = loader(Seeded(train_set, train_tf), self.sampler.batch, args.workers, self.sampler, device)
         hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
         self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
         self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
+        if args.knn_every and len(set(targets(self.bank_set))) < 2:
+            self.log("note: the kNN bank has one class: its top-1 is 100% whatever the features (it measures nothing)")
         self.gpu_batches = None  # --gpu-aug, speed only: gpu_aug.py, imported on that path alone
         if args.gpu_aug != "off":
             try:
@@ -1297,28 +1505,82 @@ class Run:
             yield tuple(x) if len(x) > 1 else x[0], i
 
     def restore(self, state):
-        """Load the checkpoint into `state` (name -> module, optimizer or scaler) -> (epoch, position, step)."""
+        """Load the checkpoint into `state` (name -> module, optimizer or scaler) -> (epoch, position, step). Every
+        entry is checked whole first: a missing one or a wrong shape stops the run in one line that names it."""
         if self.ckpt is None:
+            rank0_decides(self.open_log, self.ctrl)
             return 0, 0, 0
         for name, obj in state.items():
-            if name not in self.ckpt:  # a key added later (dim.py's prior_scaler): keep the fresh one
+            if name not in self.ckpt:  # a gradient scaler added later (dim.py's prior_scaler); the rest: STATE_NEEDS
                 continue
+            wrong = mismatch(obj, self.ckpt[name])
             try:
+                if wrong:
+                    raise ValueError(wrong)
                 obj.load_state_dict(self.ckpt[name])
-            except (RuntimeError, ValueError, KeyError) as e:
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{self.src} does not match these settings ({name}): {str(e).splitlines()[0]}")
         if not set_rng_state(self.ckpt["rng"], self.device):
             self.log(f"note: {self.src} was saved by another number of processes: the ranks beyond its own go on "
                      "from their current random state (the data order and augmentations do not depend on it)")
+        rank0_decides(self.open_log, self.ctrl)
         self.log(f"resumed from {self.src} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}")
         return self.ckpt["epoch"], self.ckpt["step_in_epoch"], self.ckpt["step"]
 
-    def save(self, state, epoch, pos, step):
+    def save(self, state, epoch, pos, step, final=False):
+        """Write the checkpoint of `step` as OUT/ckpt.pt, the kept one before it moved to OUT/ckpt.pt.prev; the next
+        step's loss decides (confirm()), or the run's end (final=True). A stop leaves the decision to the resumed run's
+        first step (hold())."""
         rngs = rng_states(self.device)  # every rank's, so that a resumed run draws what an uninterrupted one would
+        if not all_finite([v.state_dict() for v in state.values()]):
+            raise UserError(self.diverged(f"a weight or statistic is not finite after step {step}"))
         if self.rank == 0:
             save_checkpoint({"algo": self.algo, **{k: v.state_dict() for k, v in state.items()}, "epoch": epoch,
                              "step_in_epoch": pos, "step": step, "rng": rngs, "args": dataclasses.asdict(self.args),
-                             "n_train": self.sampler.n, "time_s": self.elapsed()}, self.path)
+                             "n_train": self.sampler.n, "time_s": self.elapsed(), "prev_step": self.kept},
+                            self.path, None if self.pending is not None else self.path + ".prev")
+        self.mark(self.kept, step)
+        if final:
+            self.confirm()
+
+    def hold(self):
+        """At a stop: the checkpoint awaiting its next step stays so, for the resumed run's first step to decide;
+        but the first of an --overwrite run takes over at once (its args.json and metrics.jsonl with it)."""
+        if self.pending is not None and any(p.endswith(".new") for p in self.files.values()):
+            self.confirm()
+
+    def confirm(self, loss=None, step=None):
+        """The checkpoint awaiting its next step is kept if that step's loss is finite on every rank."""
+        if loss is not None:
+            x = loss.detach().float().reshape(1).clone()
+            if self.world > 1:
+                dist.all_reduce(x)
+            if not math.isfinite(x.item()):
+                raise UserError(self.diverged(f"loss is {x.item()} at step {step}"))
+        if self.rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path + ".prev")
+            for name, path in self.files.items():  # --overwrite: the new run's files take over
+                if path.endswith(".new"):
+                    move(path, path.removesuffix(".new"))
+                    self.files[name] = path.removesuffix(".new")
+        self.mark(self.pending)
+
+    def diverged(self, what):
+        """-> the one line of a diverged run, after putting back the last kept checkpoint."""
+        if self.pending is not None:  # the checkpoint no finite step followed goes
+            if self.rank == 0 and os.path.exists(self.path + ".prev"):
+                move(self.path + ".prev", self.path)
+            elif self.rank == 0:
+                os.remove(self.path)
+            self.mark(self.kept)
+        if self.kept is None:  # (--resume PATH into another folder: PATH is as it was; --overwrite: the old run is)
+            where = f"; {STOP['kept']}" if self.ckpt else f"; {self.path} is the earlier run's" if os.path.exists(
+                self.path) else ""
+            return (f"{what}: stopped; no checkpoint of this run is kept (none was followed by a finite step){where}: "
+                    f"start again with {self.nan_hint}")
+        return (f"{what}: stopped; {self.path} holds step {self.kept}, the last checkpoint a finite step followed: go "
+                f"on with --resume auto and {self.nan_hint}, or without --amp")
 
     def fit(self, step_fn, state, start, metrics, lr_of, knn_encoder, knn_name="", nan_hint="a lower --lr"):
         """The step loop from start = (epoch, position in it, step): step_fn(batch, the images' indices) -> a tensor
@@ -1326,35 +1588,41 @@ class Run:
         logged; lr_of(epoch) sets and returns the epoch's lr; `state` is what the checkpoints hold. A checkpoint at
         every epoch's end (before the kNN monitor), every --save-every steps, at the end, and at a stop signal."""
         args, (epoch, pos, step) = self.args, start
-        per_epoch = self.sampler.steps()
+        per_epoch, self.nan_hint = self.sampler.steps(), nan_hint
         total = min(args.max_steps or math.inf, args.epochs * per_epoch)
-        if step >= total:
-            self.log(f"nothing to do: {self.src} is at step {step}, where this run ends (--epochs {args.epochs}, "
-                     f"--max-steps {args.max_steps}); give more to train on")
-            return self.close()
         self.t_start, self.first, self.last, self.total, knn, done0 = time.perf_counter(), None, None, total, None, step
         self.elapsed = lambda: (self.ckpt or {}).get("time_s", 0.0) + time.perf_counter() - self.t_start
         self.eta = lambda s: (time.perf_counter() - self.t_start) / max(1, s - done0) * (total - s)
-        with StopOnSignals(args.save_on_signal, self.world, self.ctrl) as stop:
+        final_knn = step >= total and args.knn_every and not rank0_decides(lambda: knn_logged(self.files, step),
+                                                                            self.ctrl)
+        if step >= total and not final_knn:  # a final kNN pass cut short by a stop is still to do
+            self.log(f"nothing to do: {self.src} is at step {step}, where this run ends (--epochs {args.epochs}, "
+                     f"--max-steps {args.max_steps}); give more to train on")
+            write_status(f"finished: {step} steps")
+            return self.close()
+        with StopOnSignals(self.world, self.ctrl) as stop:
             while step < total and epoch < args.epochs:
-                pos, step = self.steps(step_fn, state, metrics, lr_of(epoch), (epoch, pos, step), total, stop, nan_hint)
+                pos, step = self.steps(step_fn, state, metrics, lr_of(epoch), (epoch, pos, step), total, stop)
                 ended = pos == per_epoch
                 epoch, pos = (epoch + 1, 0) if ended else (epoch, pos)
-                self.save(state, epoch, pos, step)
                 monitor = ended and args.knn_every and epoch % args.knn_every == 0
-                if stop.now or monitor and stop.agreed(wait=True):  # no kNN pass once a rank has been signalled
+                stopping = stop.now or monitor and stop.agreed(wait=True)  # no kNN pass once a rank is signalled
+                self.save(state, epoch, pos, step, final=not stopping and (step >= total or epoch >= args.epochs))
+                if stopping:
                     stop.settle()
                     self.stopped(step)
                 if monitor:
                     knn = self.knn(knn_encoder, knn_name, f"epoch {epoch}", step, epoch)
-            if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended
-                knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)
+            if args.knn_every and knn is None:  # stopped by --max-steps before any epoch ended, or a resumed run
+                knn = self.knn(knn_encoder, knn_name, f"step {step}", step, epoch + pos / per_epoch)  # cut in it
+        STOP["raise"] = None  # the run is done: a signal from here on changes nothing
         loss_txt = "n/a" if self.first is None else f"{self.first:.4f} -> {self.last:.4f}"
         self.log(f"done: {step} steps in {fmt_time(time.perf_counter() - self.t_start)}, loss {loss_txt}, kNN top-1"
                  f"{knn_name} {'off' if knn is None else f'{knn:.2f}'}, checkpoint {self.path}")
+        write_status(f"finished: {step} steps, kNN top-1{knn_name} {'off' if knn is None else f'{knn:.2f}'}")
         self.close()
 
-    def steps(self, step_fn, state, metrics, lr, at, total, stop, nan_hint):
+    def steps(self, step_fn, state, metrics, lr, at, total, stop):
         """The steps of one epoch from `at` = (epoch, position, step) until its end, `total` or an agreed stop ->
         (position, step)."""
         (epoch, pos, step), per_epoch = at, self.sampler.steps()
@@ -1370,46 +1638,58 @@ class Run:
             wait += time.perf_counter() - t0
             vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
             step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
+            if self.pending is not None:  # the step after a checkpoint: its loss decides whether it is kept
+                self.confirm(vals[0], step)
             stopping, saving = stop.agreed(), self.args.save_every and step % self.args.save_every == 0
             if stopping or saving or step % self.args.log_every == 0 or pos == per_epoch or step == total:
-                self.report(metrics, sums / seen, seen, time.perf_counter() - t_last, wait, epoch, pos, step, lr,
-                            nan_hint)
+                self.report(metrics, sums / seen, seen, time.perf_counter() - t_last, wait, epoch, pos, step, lr)
                 t_last, wait, seen, sums = time.perf_counter(), 0.0, 0, None
-            if saving and not stopping:  # a stop saves after the loop
+            if saving and not stopping and pos < per_epoch and step < total:  # a stop and an epoch's end save after
                 self.save(state, epoch, pos, step)
         return pos, step
 
-    def report(self, metrics, means, seen, dt, wait, epoch, pos, step, lr, nan_hint):
+    def report(self, metrics, means, seen, dt, wait, epoch, pos, step, lr):
         """One log line of the means over the last `seen` steps (over all ranks), and its JSON object."""
         if self.world > 1:  # the mean over all ranks, not rank 0's share
             dist.all_reduce(means)
             means /= self.world
         m = dict(zip(metrics, means.tolist()))
         if not math.isfinite(m["loss"]):
-            raise UserError(f"loss is {m['loss']} at step {step}: stopped; the last good checkpoint ({self.path}) is "
-                            f"intact (try {nan_hint}, or without --amp)")
+            raise UserError(self.diverged(f"loss is {m['loss']} at step {step}"))
         self.first, self.last = self.first if self.first is not None else m["loss"], m["loss"]
         shown = " ".join(f"{k} {v:{metrics[k]}}" for k, v in m.items() if metrics[k])
-        img_s = seen * self.args.batch_size / dt
+        img_s, bad = seen * self.args.batch_size / dt, count_lines(self.bad_log) if self.rank == 0 else 0
+        if bad:
+            m["bad_images"] = bad
         self.log(f"epoch {epoch + 1}/{self.args.epochs} step {step}/{self.total} {shown} lr {lr:.4g} img/s {img_s:.0f} "
-                 f"data {100 * wait / dt:.0f}% eta {fmt_time(self.eta(step))}", step=step,
+                 f"data {100 * wait / dt:.0f}% eta {fmt_time(self.eta(step))}"
+                 + (f" | {bad} unreadable image(s) replaced: {self.bad_log}" if bad else ""), step=step,
                  epoch=epoch + pos / self.sampler.steps(), **m, lr=lr, img_s=img_s, data_wait=wait / dt,
                  time_s=self.elapsed())
 
     def stopped(self, step):
-        """After the checkpoint of `step`: one line, and out with PREEMPTED."""
-        self.log(f"stopped by {STOP['signal'] or 'a signal to another rank'} after step {step}: checkpoint "
-                 f"{self.path}; continue with --resume auto (exit status {PREEMPTED})")
+        """After the checkpoint of `step`: one line, and out with PREEMPTED (0 under torchrun)."""
+        code = "0: torchrun restarts workers that exit otherwise" if "TORCHELASTIC_RUN_ID" in os.environ \
+            else PREEMPTED
+        line = (f"stopped by {STOP['signal'] or 'a signal to another rank'} after step {step}: checkpoint "
+                f"{self.path}; continue with --resume auto (exit status {code})")
+        self.hold()
+        self.log(line)
+        write_status(line)
         self.close()
         raise Preempted("")
 
     def knn(self, encode, name, when, step, epoch):
-        """The kNN monitor. The checkpoint is written before it: a stop signal during the pass ends the run at once."""
+        """The kNN monitor. The checkpoint is written before it: a stop signal during the pass keeps it and ends the
+        run at once; --resume auto then runs a final pass that was cut short."""
         STOP["raise"] = "" if self.rank else (f"stopped by a signal during the kNN monitor after step {step}: "
                                               f"checkpoint {self.path}; continue with --resume auto")
         try:
             t0 = time.perf_counter()
             knn = knn_accuracy(encode, self.bank_set, self.knn_test, self.test_tf, self.args.workers, self.device)
+        except Preempted:
+            self.hold()
+            raise
         finally:
             STOP["raise"] = None
         knn_s = time.perf_counter() - t0
@@ -1417,8 +1697,119 @@ class Run:
         return knn
 
     def close(self):
+        release_lock()
         if self.world > 1:
             dist.destroy_process_group()
+
+
+def rank0_decides(fn, group=None):
+    """fn() on rank 0 -> its value on every rank; a one-line error it raises is raised on every rank, so that they
+    all end at once instead of waiting for a collective that rank 0 never joins."""
+    out = [None, None]
+    if world_info()[0] == 0:
+        try:
+            out[0] = fn()
+        except UserError as e:
+            out[1] = str(e)
+    if world_info()[1] > 1:
+        dist.broadcast_object_list(out, src=0, group=group)
+    if out[1] is not None:
+        raise UserError(out[1])
+    return out[0]
+
+
+def take_lock(path):
+    """One run per folder: `path` holds the host and PID of the run that uses it. Another live run's lock stops this
+    one in one line; a dead run's (this host, its PID gone) is taken over."""
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                other_host, _, pid = open(path).read().partition(" ")
+                if other_host == host and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+                    os.remove(path)  # a dead run's (or an earlier one of this process: a test)
+                    continue
+                raise UserError(f"--out {os.path.dirname(path)} is in use by another run (PID {pid or '?'} on "
+                                f"{other_host or '?'}, {path}): wait for its end or choose another --out"
+                                + ("" if other_host == host else "; delete the file if that run is dead"))
+            continue  # removed meanwhile: try again
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host} {os.getpid()}")
+        STOP["lock"] = path
+        return
+    raise UserError(f"cannot take the lock {path}: several runs are starting in --out {os.path.dirname(path)}")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def release_lock():
+    path, STOP["lock"] = STOP["lock"], None
+    if path is not None and os.path.exists(path):
+        with contextlib.suppress(OSError):
+            if open(path).read() == f"{socket.gethostname()} {os.getpid()}":
+                os.remove(path)
+
+
+def write_status(text):
+    """OUT/status (rank 0), one line a job script reads: its first word is running (also a run killed outright),
+    finished, stopped, interrupted or failed."""
+    if STOP["status"] and text:
+        with contextlib.suppress(UserError):  # never hides what the run is ending with
+            replace_file(STOP["status"], lambda f: f.write((text + "\n").encode()), "status")
+
+
+def all_finite(obj):
+    """Whether every floating-point tensor in a state dict (nested dicts and lists too) is finite."""
+    flags = [t.isfinite().all().cpu() for t in tensors_of(obj) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def tensors_of(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for x in items for t in tensors_of(x)]
+
+
+def mismatch(obj, saved):
+    """'' if the saved state fits obj (a module or an optimizer) shape by shape, else the first difference."""
+    if isinstance(obj, nn.Module):
+        own = obj.state_dict()
+        for k in sorted(set(own) ^ set(saved)):
+            return f"{'missing' if k in own else 'unexpected'} key {k}"
+        for k, v in own.items():
+            if tuple(v.shape) != tuple(saved[k].shape):
+                return f"{k} is {list(saved[k].shape)} there, {list(v.shape)} here"
+    elif isinstance(obj, torch.optim.Optimizer) and isinstance(saved, dict):
+        params = [p for g in obj.param_groups for p in g["params"]]
+        for i, st in saved.get("state", {}).items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() and i < len(params) and v.shape != params[i].shape:
+                    return f"{k} of parameter {i} is {list(v.shape)} there, the parameter {list(params[i].shape)} here"
+    return ""
+
+
+def count_lines(path):
+    if not path or not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return len({line for line in f if line.strip()})
+
+
+def knn_logged(files, step):
+    """Whether metrics.jsonl holds the kNN monitor's result at `step` (a final pass cut by a stop does not)."""
+    return any('"knn_top1"' in line and json.loads(line).get("step") == step
+               for line in lines_upto(files["metrics.jsonl"], step))
 
 
 def lines_upto(path, step):
@@ -1450,7 +1841,7 @@ def resumed_args(saved, given, src):
     if fixed:
         raise UserError(f"{src} cannot go on with {', '.join(fixed)}: a resumed run keeps the model's shape, the global "
                         "batch and the data; start a new run with another --out")
-    changed = [k for k in given if k not in ("preset", "resume") and getattr(new, k) != getattr(old, k)]
+    changed = [k for k in given if k not in ("preset", "resume", "out") and getattr(new, k) != getattr(old, k)]
     return new, [f"note: resumed with --{k.replace('_', '-')} {getattr(old, k)} -> {getattr(new, k)}" for k in changed]
 # --- end shared: run ---
 
@@ -1487,8 +1878,6 @@ def check_args(args, world, device):
          "--max-steps, --save-every and --knn-every must be >= 0"),
         (not all(m.strip().isdigit() for m in args.milestones.split(",") if m.strip()),
          f"--milestones {args.milestones!r} must be epochs separated by commas, e.g. 120,160"),
-        (bad_signals(args.save_on_signal), f"--save-on-signal {args.save_on_signal!r}: "
-                                           f"{bad_signals(args.save_on_signal)}"),
         # the checks that need the number of processes or the device
         (args.bn == "sync" and world > 1 and device.type != "cuda",
          "--bn sync needs GPUs: SyncBatchNorm does not run on the CPU under torchrun"),
@@ -1505,6 +1894,8 @@ def check_args(args, world, device):
         if bad:
             raise UserError(msg)
 
+
+STATE_NEEDS = ("model", "optimizer")  # the entries of ckpt.pt that train() restores (beside a gradient scaler)
 
 # What a resumed run cannot change: the model's shape, the global batch (the data order and the step count depend
 # on it), the mechanism and the data set

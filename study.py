@@ -220,7 +220,7 @@ def run_script(script, argv, name):
     try:
         script.train(argv)
     except script.UserError as e:
-        raise (Diverged if "loss is" in str(e) else UserError)(f"{name}: {e}")
+        raise (Diverged if "loss is" in str(e) or "not finite" in str(e) else UserError)(f"{name}: {e}")
     ckpt = moco.load_checkpoint(os.path.join(argv[argv.index("--out") + 1], "ckpt.pt"))
     return ckpt["time_s"], ckpt["step"]
 
