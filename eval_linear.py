@@ -461,8 +461,17 @@ def datasets(args, ck):
     """-> (labelled training images, or the --label-fraction / --labels-per-class subset of them; labelled test
     images; normalisation stats name; the subset's positions in the training split as loaded, or None)."""
     data = moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
-                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
-    train_set, test_set, stats = moco.load_data(data)
+                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download,
+                     holdout_every=ck.get("holdout_every") or 10)  # the checkpoint's held-out images, if it had any
+    try:  # main_lincls never tests on held-out training images: a folder without a usable val split stops
+        train_set, test_set, stats = moco.load_data(data, need_val=args.protocol == "main_lincls")
+    except UserError as e:
+        raise UserError(f"--protocol {args.protocol}: {e}" if args.protocol == "main_lincls" else str(e)) from None
+    held = getattr(test_set, "dataset", 0) is getattr(train_set, "dataset", 1)
+    if held and "holdout_every" in ck and not ck.get("knn_every") and data.data == ck.get("data") and \
+            moco.world_info()[0] == 0:
+        print(f"note: the test split is every {data.holdout_every}th image of {data.data}, which the checkpoint "
+              "pretrained on too (without labels: it ran with --knn-every 0, so nothing was held out)", flush=True)
     hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
     labelled_set = moco.labelled(train_set, "the training split", hint)
     test_set = moco.labelled(test_set, "the test split", hint)
