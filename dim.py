@@ -75,6 +75,8 @@ class Args:
     max_steps: int = arg(0, "stop after this many optimisation steps (0 = no limit)")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = end of epoch and end of run only)")
     log_every: int = arg(10, "log every N steps")
+    tensorboard: bool = arg(False, "also write every value of metrics.jsonl to TensorBoard event files in OUT/tb, for "
+                                   "watching and comparing runs live (needs pip install tensorboard)")
     amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 + a gradient scaler on GPUs without bf16) and TF32 "
                            "on CUDA; on a CPU bf16 autocast, fast only on CPUs with bf16 units")
     amp_dtype: str = arg("auto", "the autocast type of --amp; auto = bfloat16 where the device has it",
@@ -1108,7 +1110,11 @@ class Run:
         check_args(args, self.world, self.device)
         # stop signals are agreed on with a CPU tensor over gloo: no wait on the GPU
         self.ctrl = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
+        self.tb = None
         self.prepare_out()
+        if args.tensorboard and self.rank == 0:  # a resumed run's events follow its checkpoint's step
+            own = self.ckpt is not None and os.path.abspath(self.src) == os.path.abspath(self.path)
+            self.tb = tensorboard_writer(args.out, self.ckpt["step"] + 1 if own else 0)
         self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
         for note in notes:
             self.log(note)
@@ -1157,11 +1163,15 @@ class Run:
         replace_file(metrics, lambda f: f.write("".join(keep).encode()), "metrics")
 
     def log(self, text, **metrics):
-        """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl (rank 0 only)."""
+        """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl and (--tensorboard)
+        the same values as scalars at their step in OUT/tb (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
             if metrics:
                 append_line(os.path.join(self.args.out, "metrics.jsonl"), json.dumps(metrics))
+            for k, v in metrics.items() if self.tb is not None else ():
+                if k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
 
     def data(self):
         """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
@@ -1337,8 +1347,21 @@ class Run:
         return knn
 
     def close(self):
+        if self.tb is not None:
+            self.tb.close()
         if self.world > 1:
             dist.destroy_process_group()
+
+
+def tensorboard_writer(out, purge_step):
+    """--tensorboard: a SummaryWriter on OUT/tb (imported on this path only). TensorBoard's reader drops the events
+    of earlier runs in OUT/tb at purge_step and later: a resumed run's curves go on without repeated steps, a fresh
+    run's (purge_step 0) start clean."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out, "tb"), purge_step=purge_step, flush_secs=30)
 
 
 def lines_upto(path, step):
