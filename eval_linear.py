@@ -1,5 +1,8 @@
-"""Frozen-feature evaluation of moco.py and dim.py checkpoints and of the official MoCo checkpoints: a linear probe,
-the DIM paper's MLP probe, kNN, and fine-tuning. The protocols in full, with every default and why: docs/evaluation.md.
+"""Frozen-feature evaluation of moco.py, dim.py and official MoCo checkpoints: linear probe, MLP probe, kNN, fine-tuning.
+
+The protocols in full, with every default and why: docs/evaluation.md. The kNN here reads --layer (for MoCo the
+backbone, the encoder without its head), while moco.py's kNN monitor reads the 128-d head: two numbers for one
+checkpoint, both printed with what they read.
 
 - `--protocol main_lincls`: facebookresearch/moco main_lincls.py's linear classification, exactly (the backbone frozen
   in eval() mode, a linear layer N(0, 0.01) on raw features, SGD lr 30, momentum 0.9, no weight decay, x0.1 at 60% and
@@ -103,6 +106,9 @@ def default_milestones(probe, epochs):
 def parse_args(argv=None):
     """moco.py's parser (one line per error) with this file's Args, then the protocol's and probe's defaults."""
     args, given = moco.parse_args(argv, Args, {})
+    if not args.pretrained:
+        raise UserError("give --pretrained CHECKPOINT: a moco.py or dim.py ckpt.pt, or an official MoCo checkpoint "
+                        "(python eval_linear.py --help)")
     if args.protocol == "main_lincls":
         for bad, flag in [(args.probe != "linear", f"--probe {args.probe}"), (args.finetune, "--finetune"),
                           (args.aug == "none", "--aug none"), (given.get("standardize"), "--standardize"),
@@ -400,7 +406,7 @@ def evaluate(args, stop):
     knn = moco.knn_top1(train_f, train_y, test_f, test_y)
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
-        f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        f"kNN top-1 on {args.layer} {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     batches = None  # cached features: every rank trains the same probe on all of them (no communication)
     if aug == "crop" or args.finetune:  # each rank its share of every batch; DDP averages the gradients
@@ -438,7 +444,7 @@ def evaluate(args, stop):
             json.dump(result, f, indent=1)
     best_text = "" if args.finetune else f"; best {best['top1']:.2f} at epoch {best['epoch']}, chosen on the test set"
     say(f"{args.probe} {'fine-tuned' if args.finetune else 'probe'} on {args.layer}: top-1 {top1:.2f} (last epoch"
-        f"{best_text}) top-5 {top5:.2f} kNN top-1 {knn:.2f} (sanity check passed) -> {out}")
+        f"{best_text}) top-5 {top5:.2f} kNN top-1 on {args.layer} {knn:.2f} (sanity check passed) -> {out}")
     if world > 1:
         dist.destroy_process_group()
     return result

@@ -592,9 +592,11 @@ def train(argv=None):
             net, [f"model.{n}" for n in dictionary])
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     bank = args.mechanism == "memory-bank"
+    # the kNN monitor reads encoder_q's normalised output, its 128-d head, as the notebook (eval_linear.py's kNN
+    # reads the backbone below the head: another number for the same checkpoint)
     run.fit(lambda views, idx: train_step(net, model, opt, scaler, (views, idx) if bank else views, run.amp_dtype),
             state, start, {"loss": ".4f", "acc1": ".1f", "acc5": ".1f"}, lambda epoch: adjust_lr(opt, epoch, args),
-            model.encoder_q)  # the kNN monitor reads encoder_q's (normalised) output, as the notebook
+            model.encoder_q, " (head)")
     return model
 
 

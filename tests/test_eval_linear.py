@@ -186,3 +186,18 @@ def test_docstring_and_help_describe_the_code_as_it_is():
     words = doc + " ".join(help_entries().values())
     assert not re.search(r"#\d|\bissue\b|used to|no longer|previously|before 20\d\d", words)
     assert "main_lincls.py" not in help_entries()["--standardize"].split("(default")[0]
+
+
+def test_no_checkpoint_given_is_one_line():
+    p = in_process(eval_linear.main)
+    assert p.returncode == 2 and p.stderr.startswith("error: give --pretrained CHECKPOINT") and \
+        p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.parametrize("name", ["moco", "dim", "eval_linear", "study", "convert", "plot"])
+def test_help_description_is_a_whole_sentence(name):
+    """--help's description (the docstring's first line) is a whole sentence, not one cut at the line's end."""
+    import importlib
+    p = in_process(importlib.import_module(name).main, "--help")
+    description = " ".join(p.stdout.split("\n\n")[1].split())  # argparse wraps it at the terminal's width
+    assert p.returncode == 0 and description.endswith(".") and description.count(". ") == 0, description
