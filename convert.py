@@ -25,7 +25,9 @@ Formats
   name, "arch", "stem" (imagenet, cifar or null), "features": the width of net(x), "image_size": the training
   crop (null if the checkpoint does not say), "source": CKPT, "layout": moco|dim|official, "layer": what net(x)
   is, "taps": for dim.py's basic32/alex64 {tap: {"module": "net[:2]", "shape": [C, H, W]}}, else null,
-  "code", "torch", "torchvision": the versions that wrote it}. The code is to read and paste, not to exec.
+  "preprocessing": the test view the features are made from, {"mode": "RGB", "resize", "crop", "mean", "std",
+  "stats": the data set they are of, "transform": the torchvision line}, "code", "torch", "torchvision": the versions
+  that wrote it}. The code is to read and paste, not to exec.
 - detectron2: the pickle of facebookresearch/moco detection/convert-pretrain-to-detectron2.py,
   {"model": {detectron2 key: numpy array}, "__author__": "MOCO", "matching_heuristics": True}, for
   `MODEL.WEIGHTS out.pkl`. Torchvision ResNets with the ImageNet stem only.
@@ -218,12 +220,28 @@ def load_code(b, out):
 # ----------------------------------------------------------------------------------------------------
 # 3. The conversions
 # ----------------------------------------------------------------------------------------------------
+def preprocessing(ckpt, kind, size):
+    """The view of a test image the encoder's features are made from, as moco.py's kNN monitor and eval_linear.py
+    make it (moco.test_transform): RGB, resize, centre crop, ToTensor, Normalize with the training data's mean and
+    std (ImageNet's for image folders and official checkpoints, the data set's own otherwise)."""
+    a = ckpt.get("args", {})
+    stats = "imagenet" if kind == "official" else moco.data_stats(moco.Args(data=a.get("data", ""),
+                                                                           dataset=a.get("dataset", "folder")))
+    size = size or 224  # official checkpoints: ImageNet's 224
+    mean, std = (list(v) for v in moco.MEAN_STD[stats])
+    resize = int(size / 0.875) if size > 64 else size  # 256 for 224
+    return dict(mode="RGB", resize=resize, crop=size, mean=mean, std=std, stats=stats,
+                transform=f"T.Compose([T.Resize({resize}), T.CenterCrop({size}), T.ToTensor(), "
+                          f"T.Normalize({mean}, {std})])  # import torchvision.transforms as T; on img.convert('RGB')")
+
+
 def to_torchvision(ckpt, path, out):
     """-> (OUT's state dict, the sidecar's dict)."""
     b = backbone(ckpt, path)
     info = dict(weights=os.path.basename(out), arch=b["arch"], stem=b["stem"], features=b["features"],
                 image_size=b["image_size"], source=str(path), layout=b["layout"], layer=b["layer"], taps=b["taps"],
-                code=load_code(b, out), torch=torch.__version__, torchvision=torchvision.__version__)
+                preprocessing=preprocessing(ckpt, b["layout"], b["image_size"]), code=load_code(b, out),
+                torch=torch.__version__, torchvision=torchvision.__version__)
     return b["state_dict"], info
 
 

@@ -78,6 +78,8 @@ class Args:
     max_steps: int = arg(0, "stop after this many optimisation steps (0 = no limit)")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = end of epoch and end of run only)")
     log_every: int = arg(10, "log every N steps")
+    tensorboard: bool = arg(False, "also write every value of metrics.jsonl to TensorBoard event files in OUT/tb, for "
+                                   "watching and comparing runs live (needs pip install tensorboard)")
     amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 + a gradient scaler on GPUs without bf16) and TF32 "
                            "on CUDA; on a CPU bf16 autocast, fast only on CPUs with bf16 units")
     amp_dtype: str = arg("auto", "the autocast type of --amp; auto = bfloat16 where the device has it",
@@ -86,6 +88,8 @@ class Args:
     channels_last: str = arg("auto", "images and weights in channels-last memory order; auto = on a GPU",
                              ("auto", "on", "off"))
     knn_every: int = arg(1, "kNN monitor (on the fc features) every N epochs (0 = off)")
+    holdout_every: int = arg(10, "an image folder without a usable val split: every Nth image is held out of "
+                                 "training as the kNN monitor's test set, only while the monitor runs (0 = none)")
     save_on_signal: str = arg("TERM,USR1", "signals that stop the run after the current step with a checkpoint (exit "
                                            "status 75), e.g. from a scheduler; empty = none")
     overwrite: bool = arg(False, "start a fresh run in an --out that holds another run's checkpoint (it is replaced)")
@@ -660,7 +664,7 @@ class Folder(torchvision.datasets.DatasetFolder):
                     f.seek(0)
                     if path + "\n" not in f.readlines():
                         f.write(path + "\n")
-        raise UserError(f"no image of {self.root} can be read")
+        raise UserError(f"none of the {len(self.samples)} images of a split can be read")
 
 
 def base_of(ds):
@@ -672,7 +676,7 @@ def check_images(args):
     """--check-images: decode every image file of --data's splits in parallel (a JPEG at 1/8 size: every byte is
     still decoded), list the unreadable ones, and exit: status 0 if none, 2 if some."""
     import multiprocessing
-    folders = {id(f): f for f in map(base_of, load_data(args)[:2]) if isinstance(f, Folder)}.values()
+    folders = {id(f): f for f in map(base_of, load_data(args)[:2]) if hasattr(f, "bad_log")}.values()
     paths = sorted({p for f in folders for p, _ in f.samples})
     procs, t0 = usable_cpus(), time.perf_counter()
     with multiprocessing.Pool(procs) as pool:
@@ -717,9 +721,10 @@ def labelled(ds, what, hint):
     return ds if len(keep) == len(ds) else torch.utils.data.Subset(ds, keep)
 
 
-def load_data(args):
+def load_data(args, need_val=False):
     """-> (train, test, stats name). Built-in data: the 10,000 Fashion-MNIST test images shipped in data/,
-    images 0-7999 for training (and the kNN bank), 8000-9999 for testing."""
+    images 0-7999 for training (and the kNN bank), 8000-9999 for testing. An image folder: folder_splits(), with
+    images held out of training only while the kNN monitor runs (--knn-every) and has no val split to test on."""
     if not args.data:
         x, y = (read_idx(os.path.join(HERE, "data", f"t10k-{k}-ubyte.gz")) for k in ("images-idx3", "labels-idx1"))
         return ArrayData(x[:8000], y[:8000]), ArrayData(x[8000:], y[8000:]), "fashionmnist"
@@ -727,7 +732,7 @@ def load_data(args):
     if not os.path.isdir(root) and not (args.download and args.dataset != "folder"):
         raise UserError(f"--data {args.data}: no such folder")
     if args.dataset == "folder":
-        return (*folder_splits(root), "imagenet")
+        return (*folder_splits(root, args.holdout_every if args.knn_every else 0, need_val), data_stats(args))
     idx = [os.path.join(root, f"{s}-{k}-ubyte.gz") for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
     if args.dataset in ("fashionmnist", "mnist") and all(map(os.path.isfile, idx)):  # the four IDX files in --data
         x, y, xt, yt = (read_idx(p) for p in idx)  # (as Debian's dataset-fashion-mnist installs them)
@@ -742,23 +747,76 @@ def load_data(args):
         raise UserError(f"--dataset {args.dataset} at {root}: {str(e).splitlines()[0]} (add --download?)")
 
 
-def folder_splits(root):
-    """-> (train, test) of an image folder: ROOT/train and ROOT/val (val's class folders labelled by train's class
-    names), else every 10th image of the class-sorted list of ROOT/train or ROOT is held out for testing."""
-    tr, val = os.path.join(root, "train"), os.path.join(root, "val")
+def data_stats(args):
+    """The name of the mean and std (MEAN_STD) the images of --data, --dataset are normalised with."""
+    return "fashionmnist" if not args.data else "imagenet" if args.dataset == "folder" else args.dataset
+
+
+def folder_splits(root, every, need_val=False):
+    """-> (train, test) of an image folder: ROOT/train and its val split (val_split()), else every `every`-th
+    image of the class-sorted list of ROOT/train or ROOT held out for testing (every 0: none, test None).
+    need_val: no usable val stops here (a protocol that must never test on training images)."""
+    tr = os.path.join(root, "train")
     train = Folder(tr if os.path.isdir(tr) else root)
-    if os.path.isdir(tr) and os.path.isdir(val):
-        subs = sorted(e.name for e in os.scandir(val) if e.is_dir() and e.name[0] != ".")
-        unknown = [c for c in subs if c not in train.class_to_idx]
-        if subs and not unknown:
-            return train, Folder(val, train.classes)
-        if world_info()[0] == 0:  # e.g. Tiny ImageNet's val/images/*.JPEG + val_annotations.txt
-            why = f"{os.path.join(val, unknown[0])} is not a class of {tr}" if unknown else "no class folders"
-            print(f"note: {val} is not used ({why}); every 10th training image is held out for testing instead",
-                  flush=True)
-    held_out = [j % 10 == 9 for j in range(len(train))]
-    return (torch.utils.data.Subset(train, [j for j, h in enumerate(held_out) if not h]),
-            torch.utils.data.Subset(train, [j for j, h in enumerate(held_out) if h]))
+    test, why = val_split(root, train) if os.path.isdir(tr) else (None, f"{root} has no train/ and val/ folders")
+    if test is not None:
+        return train, test
+    if need_val:
+        raise UserError(f"no usable test split: {why} (expected val/<class>/..., Tiny ImageNet's val/images with "
+                        "val_annotations.txt, or ImageNet's flat val/ with LOC_val_solution.csv)")
+    if os.path.isdir(os.path.join(root, "val")) and world_info()[0] == 0:
+        print(f"note: {why}: not used" + (f"; every {every}th training image is held out for testing instead" if
+                                         every else ""), flush=True)
+    if not every:
+        return train, None
+    held = [j % every == every - 1 for j in range(len(train))]
+    return (torch.utils.data.Subset(train, [j for j, h in enumerate(held) if not h]),
+            torch.utils.data.Subset(train, [j for j, h in enumerate(held) if h]))
+
+
+class Listed(torch.utils.data.Dataset):
+    """Labelled images from a list, (path, class index) each, read as the folders' images."""
+
+    def __init__(self, samples):
+        self.samples, self.targets, self.bad_log = samples, [y for _, y in samples], None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return Folder.__getitem__(self, i)
+
+
+def val_split(root, train):
+    """-> (ROOT/val labelled by train's class names, or None; why not): class folders val/<class>/..., Tiny
+    ImageNet's val/images/*.JPEG with val/val_annotations.txt (file, wnid, box), or ImageNet's flat val/*.JPEG with
+    LOC_val_solution.csv (ImageId, then the wnid first in PredictionString) in val/, in ROOT or up to three folders
+    above it (Kaggle's download: ILSVRC/Data/CLS-LOC/{train,val} and the CSV at the top)."""
+    val = os.path.join(root, "val")
+    if not os.path.isdir(val):
+        return None, f"{val} does not exist"
+    subs = sorted(e.name for e in os.scandir(val) if e.is_dir() and e.name[0] != ".")
+    if subs and all(c in train.class_to_idx for c in subs):
+        return Folder(val, train.classes), ""
+    ups = [os.path.abspath(os.path.join(root, *[".."] * n)) for n in range(4)]
+    lists = [os.path.join(val, "val_annotations.txt")] + [os.path.join(d, "LOC_val_solution.csv") for d in [val, *ups]]
+    found = next((p for p in lists if os.path.isfile(p)), None)
+    if found is None:
+        bad = next((c for c in subs if c not in train.class_to_idx), None)
+        return None, f"{val}: " + (f"{bad} is not a class of {root}/train" if bad else
+                                   "no class folders, no val_annotations.txt, no LOC_val_solution.csv")
+    images = os.path.join(val, "images") if os.path.isdir(os.path.join(val, "images")) else val
+    files = {os.path.splitext(e.name)[0]: e.path for e in os.scandir(images)
+             if e.is_file() and e.name.lower().endswith(IMG_EXT)}
+    with open(found) as f:
+        rows = [line.strip().replace(",", "\t", 1).split() for line in f if line.strip()]
+    labels = {os.path.splitext(r[0])[0]: r[1] for r in rows if len(r) > 1 and r[0] != "ImageId"}  # (the CSV's header)
+    gone = next((k for k in labels if k not in files), None)
+    bad = next((w for w in labels.values() if w not in train.class_to_idx), None)
+    if not labels or gone or bad:
+        return None, f"{found}: " + (f"lists {gone}, which is not an image in {images}" if gone else
+                                     f"{bad} is not a class of {root}/train" if bad else "no labels")
+    return Listed([(files[k], train.class_to_idx[w]) for k, w in sorted(labels.items())]), ""
 
 
 class Seeded(torch.utils.data.Dataset):
@@ -1236,6 +1294,9 @@ class Run:
             self.mark(self.ckpt.get("prev_step"), self.ckpt["step"])  # before the step after it: the resumed run's
         else:  # first step decides
             self.mark(self.ckpt["step"] if own else None)
+        self.tb = None  # a resumed run's events follow its checkpoint's step
+        if args.tensorboard and self.rank == 0:
+            self.tb = tensorboard_writer(args.out, self.ckpt["step"] + 1 if own else 0)
         self.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
         for note in notes:
             self.log(note)
@@ -1303,11 +1364,15 @@ class Run:
                         else "no checkpoint was written")
 
     def log(self, text, **metrics):
-        """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl (rank 0 only)."""
+        """A readable line on stdout and, given metrics, one JSON object in OUT/metrics.jsonl and (--tensorboard)
+        the same values as scalars at their step in OUT/tb (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
             if metrics:
                 append_line(self.files["metrics.jsonl"], json.dumps(metrics))
+            for k, v in metrics.items() if self.tb is not None else ():
+                if k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
 
     def data(self):
         """The training set with its sampler and batches (the CPU loader, or the device path of gpu_aug.py), and
@@ -1320,14 +1385,18 @@ class Run:
             raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} images)")
         if self.ckpt is not None and self.ckpt.get("n_train", len(train_set)) != len(train_set):
             raise UserError(f"the training set has {len(train_set)} images and {self.src}'s had {self.ckpt['n_train']}: "
-                            "a resumed run needs the same data (its steps and data order depend on it)")
+                            "a resumed run needs the same data (its steps and data order depend on it; --knn-every "
+                            "and --holdout-every decide whether a folder's images are held out)")
         self.bad_log = os.path.join(args.out, "bad_images.txt") if args.bad_images == "replace" else None
         for ds in (train_set, test_set):
-            if isinstance(base_of(ds), Folder):
+            if hasattr(base_of(ds), "bad_log"):  # image files (Folder, Listed)
                 base_of(ds).bad_log = self.bad_log
         train_tf, self.test_tf = transforms(args, stats)
         self.sampler = EpochSampler(len(train_set), args.batch_size // self.world, args.seed, self.rank, self.world)
         self.loader = loader(Seeded(train_set, train_tf), self.sampler.batch, args.workers, self.sampler, device)
+        if args.knn_every and test_set is None:
+            raise UserError("the kNN monitor has no test set: no usable val split and --holdout-every 0; hold images "
+                            "out with --holdout-every N, or turn the monitor off with --knn-every 0")
         hint = "; turn the kNN monitor off with --knn-every 0"  # the monitor's sets: labelled images only
         self.bank_set = labelled(train_set, "the kNN bank (the training set)", hint) if args.knn_every else None
         self.knn_test = labelled(test_set, "the kNN test set", hint) if args.knn_every else None
@@ -1344,9 +1413,11 @@ class Run:
                     raise UserError("--gpu-aug on needs gpu_aug.py next to this script")
         some = f" ({len(self.bank_set)} labelled: the kNN bank)" if len(self.bank_set or train_set) < len(train_set) \
             else ""
+        held = len(test_set) if getattr(test_set, "dataset", 0) is getattr(train_set, "dataset", 1) else 0
+        some += f", {held} held out as the kNN monitor's test set (every {args.holdout_every}th)" if held else ""
         workers = min(args.workers, usable_cpus())
         how = "read" if getattr(args, "aug", "") == "none" else "augmented"
-        self.log(f"data: {len(train_set)} images{some}, " + (
+        self.log(f"data: {len(train_set)} images pretrain{some}, " + (
             f"uint8 on {device}, {how} there in batches (gpu_aug.py)" if self.gpu_batches else
             f"{how} by the CPU loader with {workers} workers"
             + (f" (--workers {args.workers}: more than the {usable_cpus()} CPUs this process may use)"
@@ -1556,6 +1627,8 @@ class Run:
 
     def close(self):
         release_lock()
+        if self.tb is not None:
+            self.tb.close()
         if self.world > 1:
             dist.destroy_process_group()
 
@@ -1670,6 +1743,17 @@ def knn_logged(files, step):
                for line in lines_upto(files["metrics.jsonl"], step))
 
 
+def tensorboard_writer(out, purge_step):
+    """--tensorboard: a SummaryWriter on OUT/tb (imported on this path only). TensorBoard's reader drops the events
+    of earlier runs in OUT/tb at purge_step and later: a resumed run's curves go on without repeated steps, a fresh
+    run's (purge_step 0) start clean."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out, "tb"), purge_step=purge_step, flush_secs=30)
+
+
 def lines_upto(path, step):
     """The lines of a metrics.jsonl up to `step` (a resumed run logs the later ones again); [] without the file."""
     if not os.path.exists(path):
@@ -1730,8 +1814,8 @@ def check_args(args, world, device):
         (args.local_samples < 0, f"--local-samples {args.local_samples} must be >= 0 (0 = all locations)"),
         (args.workers < 0, f"--workers {args.workers} must be >= 0"),
         (args.log_every < 1, f"--log-every {args.log_every} must be >= 1"),
-        (min(args.max_steps, args.save_every, args.knn_every) < 0,
-         "--max-steps, --save-every and --knn-every must be >= 0"),
+        (min(args.max_steps, args.save_every, args.knn_every, args.holdout_every) < 0,
+         "--max-steps, --save-every, --knn-every and --holdout-every must be >= 0"),
         (args.batch_size % world or args.batch_size // world < 2,  # needs the number of processes
          f"--batch-size {args.batch_size} (global) cannot be split into {world} processes' shares of 2 or more images"),
     ]:

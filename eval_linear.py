@@ -1,5 +1,8 @@
-"""Frozen-feature evaluation of moco.py and dim.py checkpoints and of the official MoCo checkpoints: a linear probe,
-the DIM paper's MLP probe, kNN, and fine-tuning. The protocols in full, with every default and why: docs/evaluation.md.
+"""Frozen-feature evaluation of moco.py, dim.py and official MoCo checkpoints: linear probe, MLP probe, kNN, fine-tuning.
+
+The protocols in full, with every default and why: docs/evaluation.md. The kNN here reads --layer (for MoCo the
+backbone, the encoder without its head), while moco.py's kNN monitor reads the 128-d head: two numbers for one
+checkpoint, both printed with what they read.
 
 - `--protocol main_lincls`: facebookresearch/moco main_lincls.py's linear classification, exactly (the backbone frozen
   in eval() mode, a linear layer N(0, 0.01) on raw features, SGD lr 30, momentum 0.9, no weight decay, x0.1 at 60% and
@@ -107,6 +110,9 @@ def default_milestones(probe, epochs):
 def parse_args(argv=None):
     """moco.py's parser (one line per error) with this file's Args, then the protocol's and probe's defaults."""
     args, given = moco.parse_args(argv, Args, {})
+    if not args.pretrained:
+        raise UserError("give --pretrained CHECKPOINT: a moco.py or dim.py ckpt.pt, or an official MoCo checkpoint "
+                        "(python eval_linear.py --help)")
     if args.protocol == "main_lincls":
         for bad, flag in [(args.probe != "linear", f"--probe {args.probe}"), (args.finetune, "--finetune"),
                           (args.aug == "none", "--aug none"), (given.get("standardize"), "--standardize"),
@@ -408,7 +414,7 @@ def evaluate(args, stop):
         say("note: the training split has one class: every accuracy is 100% whatever the features (it measures "
             "nothing)")
     say(f"features: {train_f.shape[1]}-d, {len(train_f)} train / {len(test_f)} test images, "
-        f"kNN top-1 {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        f"kNN top-1 on {args.layer} {knn:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     batches = None  # cached features: every rank trains the same probe on all of them (no communication)
     if aug == "crop" or args.finetune:  # each rank its share of every batch; DDP averages the gradients
@@ -445,7 +451,7 @@ def evaluate(args, stop):
         moco.replace_file(out, lambda f: f.write(json.dumps(result, indent=1).encode()), "result")
     best_text = "" if args.finetune else f"; best {best['top1']:.2f} at epoch {best['epoch']}, chosen on the test set"
     say(f"{args.probe} {'fine-tuned' if args.finetune else 'probe'} on {args.layer}: top-1 {top1:.2f} (last epoch"
-        f"{best_text}) top-5 {top5:.2f} kNN top-1 {knn:.2f} (sanity check passed) -> {out}")
+        f"{best_text}) top-5 {top5:.2f} kNN top-1 on {args.layer} {knn:.2f} (sanity check passed) -> {out}")
     if world > 1:
         dist.destroy_process_group()
     return result
@@ -467,10 +473,19 @@ def output_path(args):
 def datasets(args, ck):
     """-> (labelled training images, or the --label-fraction / --labels-per-class subset of them; labelled test
     images; normalisation stats name; the subset's positions in the training split as loaded, or None)."""
-    train_set, test_set, stats = moco.load_data(data_args(args, ck))
+    data = data_args(args, ck)
+    try:  # main_lincls never tests on held-out training images: a folder without a usable val split stops
+        train_set, test_set, stats = moco.load_data(data, need_val=args.protocol == "main_lincls")
+    except UserError as e:
+        raise UserError(f"--protocol {args.protocol}: {e}" if args.protocol == "main_lincls" else str(e)) from None
     for ds in (train_set, test_set):  # --bad-images replace: the bad files listed beside the result
-        if isinstance(moco.base_of(ds), moco.Folder) and args.bad_images == "replace":
+        if hasattr(moco.base_of(ds), "bad_log") and args.bad_images == "replace":  # image files
             moco.base_of(ds).bad_log = os.path.splitext(output_path(args))[0] + ".bad_images.txt"
+    held = getattr(test_set, "dataset", 0) is getattr(train_set, "dataset", 1)
+    if held and "holdout_every" in ck and not ck.get("knn_every") and data.data == ck.get("data") and \
+            moco.world_info()[0] == 0:
+        print(f"note: the test split is every {data.holdout_every}th image of {data.data}, which the checkpoint "
+              "pretrained on too (without labels: it ran with --knn-every 0, so nothing was held out)", flush=True)
     hint = ": a probe needs labels"  # STL-10's unlabeled images (label -1) are left out of probes and kNN
     labelled_set = moco.labelled(train_set, "the training split", hint)
     test_set = moco.labelled(test_set, "the test split", hint)
@@ -525,9 +540,10 @@ def sanity_check(encoder, before, finetune):
 
 
 def data_args(args, ck):
-    """The data flags moco.load_data reads: the given ones, else the checkpoint's."""
+    """The data flags moco.load_data reads: the given ones, else the checkpoint's (and its held-out images, if any)."""
     return moco.Args(data=args.data if args.data is not None else ck.get("data", ""),
-                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download)
+                     dataset=args.dataset or ck.get("dataset", "folder"), download=args.download,
+                     holdout_every=ck.get("holdout_every") or 10)
 
 
 def run(argv):

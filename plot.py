@@ -90,7 +90,7 @@ def plot(runs, out):
             curves.append(("acc", series(train, "d_acc"), dict(style, ls="--", label=f"{label} (prior D)")))
         for key, (steps, values), kw in curves:
             if steps:  # a run that does not log this key has no line (and no legend entry) here
-                axes[key].plot(steps, values, **kw)
+                axes[key].plot(steps, values, **({"marker": "o", **kw} if len(steps) == 1 else kw))  # one point: a dot
     for key, title in PANELS:
         ax = axes[key]
         ax.set_title(title)

@@ -33,7 +33,8 @@
 #      s2_ddp.txt      torchrun --standalone --nproc_per_node=1 moco.py (NCCL), then with --bn sync
 #      s2_tests.txt    python -m pytest -k cuda tests/test_gpu_aug.py
 #   3: s3_build.txt, s3_infonce.txt (tests/bench_infonce.py --device cuda: fused against eager for fp32, TF32 and
-#      bf16 at N 256/4096, one table, floors from this GPU's own bandwidth), s3_train.txt (tests/bench_train.py),
+#      bf16 at N 256/4096, one table, floors from this GPU's own bandwidth), s3_train.txt (tests/bench_train.py;
+#      tests/bench_memory.py --device cuda: each preset's measured peak beside the CPU's estimate),
 #      s3_e2e.txt (tests/bench_e2e.py --flags "--amp", then "--amp --compile")
 #
 # Without a visible GPU, or with GPU_CHECK_DRY=1, a stage is a dry run: each CUDA step prints one line "[STEP]
@@ -244,6 +245,7 @@ stage3() {
   if [ "$GPU" = 1 ]; then
     step infonce 120 any s3_infonce.txt "\"\$PY\" tests/bench_infonce.py --device cuda"
     step train 240 any s3_train.txt "\"\$PY\" tests/bench_train.py"
+    step memory 120 any s3_train.txt "\"\$PY\" tests/bench_memory.py --device cuda"
     step e2e_amp 150 any s3_e2e.txt "\"\$PY\" tests/bench_e2e.py --epochs 3 --flags '--amp'"
     step e2e_amp_compile 200 any s3_e2e.txt "\"\$PY\" tests/bench_e2e.py --epochs 3 --flags '--amp --compile'"
   else

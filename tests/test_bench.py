@@ -58,7 +58,7 @@ def test_gpu_check_usage():
     (1, ["build", "kernels", "cuda_tests", "memcheck", "racecheck"]),
     (2, ["build", "flags", "fused", "moco_amp", "moco_amp_compile", "dim_amp", "torchrun", "torchrun_bn_sync",
          "eval_linear", "gpu_aug_tests"]),
-    (3, ["build", "infonce", "train", "e2e_amp", "e2e_amp_compile"])])
+    (3, ["build", "infonce", "train", "memory", "e2e_amp", "e2e_amp_compile"])])
 def test_gpu_check_plan(tmp_path, stage, steps):
     """GPU_CHECK_PLAN=1: the commands of the GPU run, in order, each valid bash (bash -n); none runs. Stage 2's
     moco.py, dim.py and eval_linear.py flags at the GPU sizes parse with the scripts' own parsers."""
@@ -187,3 +187,40 @@ def test_dim_flops_with_gradient_penalty():
         step()
     assert bt.count_flops(bt.dim_step(args_nogp, x)) == fc.get_total_flops()
     assert bt.count_flops(bt.dim_step(args, x)) == fc.get_total_flops() + 4 * len(x) * (3 * P - last + first)
+
+
+def test_bench_memory_tiny():
+    """tests/bench_memory.py --tiny: a row per preset with every column, as the README's table is made."""
+    out = check(script("tests/bench_memory.py", "--tiny"))
+    for name in ("v1", "v2", "cifar", "dimL"):
+        assert re.search(rf"^{name} +\d+ +\d+ +(\d+\.\d +){{8}}\d+\.\d\dGi +\d+\.\d\dGi +\d+\.\d +\d+\.\d (s|min)$", out,
+                         re.M), out
+        assert re.search(rf"^{name} +\d+ steps per epoch, floor at 989 dense bf16 TFLOP/s", out, re.M), out
+
+
+def test_saved_tensor_count_against_a_hand_count():
+    """bench_memory's activation count on Linear(10, 20) - ReLU - Linear(20, 5) at batch N against a hand count.
+    float32: the first Linear saves its input (N x 10) for its weight's gradient (not its weight: the input needs no
+    gradient), ReLU its output (N x 20), which the second Linear saves again (the same storage, counted once) with its
+    weight (a parameter, not counted). bf16 autocast: the casts are new tensors, 2 bytes each: the input (N x 10),
+    the ReLU's output (N x 20) and the second weight (5 x 20)."""
+    bm = load_by_path("tests/bench_memory.py")
+    torch.manual_seed(0)
+    net, N = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5)), 7
+    x = torch.randn(N, 10)
+    params, cpu = list(net.parameters()), torch.device("cpu")
+    assert bm.activations(lambda: net(x), params, cpu, None) == 4 * (N * 10 + N * 20)
+    assert bm.activations(lambda: net(x), params, cpu, torch.bfloat16) == 2 * (N * 10 + N * 20 + 100)
+
+
+def test_bench_memory_extrapolation_is_exact():
+    """cifar's batch of 512 is measured at 64 and 128 and extrapolated linearly: exact, since every saved tensor and
+    FLOP of MoCo's step is proportional to the batch or constant. Here: batch 12 measured directly against batch 4
+    and 8 extrapolated (ResNet-18 with the CIFAR stem, 32 px, 2 batch-norm groups)."""
+    bm = load_by_path("tests/bench_memory.py")
+    direct = bm.measure("cifar", torch.device("cpu"), True, 989.0, 12, batch=12)
+    line = bm.measure("cifar", torch.device("cpu"), True, 989.0, 8, batch=12)
+    assert direct["sizes"] == [12] and line["sizes"] == [4, 8]
+    for k in ("act_fp32", "act_bf16", "flops"):
+        assert line[k] == direct[k], (k, line[k], direct[k])
+    assert line["parts"] == direct["parts"]

@@ -106,7 +106,7 @@ def exported(out, capsys):
     with open(out + ".json") as f:
         info = json.load(f)
     assert set(info) == {"weights", "arch", "stem", "features", "image_size", "source", "layout", "layer", "taps",
-                         "code", "torch", "torchvision"}
+                         "preprocessing", "code", "torch", "torchvision"}
     assert info["weights"] == os.path.basename(out) and info["code"] in capsys.readouterr().out
     imports = {line for line in info["code"].splitlines() if line.startswith(("import", "from"))}
     assert imports <= {"import torch", "import torch, torchvision", "from torch import nn"}, imports
@@ -144,6 +144,55 @@ def test_torchvision_round_trip(tmp_path, capsys, monkeypatch, source):
         want = ref(x)
         same(net.eval()(x), want)
         same(run_pasted(info["code"], monkeypatch)(x), want)
+
+
+def docs_transform(sidecar, image):
+    """docs/evaluation.md's lines that build the input of an export from its sidecar, run on `image` -> x."""
+    import re
+    text = open(os.path.join(ROOT, "docs", "evaluation.md")).read()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if '["preprocessing"]' in b)
+    scope = {}
+    import textwrap
+    exec(textwrap.dedent(code).replace("r50.pth.json", str(sidecar)).replace("cat.jpg", str(image)), scope)
+    return scope["x"]
+
+
+@pytest.mark.parametrize("source, size, stats", [("folder", 224, "imagenet"), ("built-in", 32, "fashionmnist"),
+                                                 ("cifar10", 32, "cifar10"), ("official", 224, "imagenet"),
+                                                 ("dim-stl10", 64, "stl10")])
+def test_sidecar_preprocessing_reproduces_the_evaluated_features(tmp_path, capsys, monkeypatch, source, size, stats):
+    """The sidecar's preprocessing, through docs/evaluation.md's lines, gives the tensor moco.test_transform gives
+    (the view eval_linear.py and the kNN monitor encode), for a colour and a greyscale image of another shape; and,
+    for a 224-pixel folder run, the exported net's features of it equal eval_linear.py's encoder's."""
+    from PIL import Image
+    src, out = tmp_path / "ckpt.pt", str(tmp_path / "enc.pth")
+    if source == "official":
+        ref = official_ckpt(src)
+    elif source.startswith("dim"):
+        dim_ckpt(src, "alex64", 64)
+        ck = torch.load(src, weights_only=False)
+        ck["args"].update(data="~/stl", dataset="stl10")
+        torch.save(ck, src)
+    else:
+        ref = moco_ckpt(src)
+        ck = torch.load(src, weights_only=False)
+        ck["args"].update(image_size=size, data={"built-in": ""}.get(source, "~/x"),
+                          dataset={"cifar10": "cifar10"}.get(source, "folder"))
+        torch.save(ck, src)
+    convert.main([str(src), out])
+    info = exported(out, capsys)[1]
+    assert (info["preprocessing"]["stats"], info["preprocessing"]["crop"]) == (stats, size)
+    rng = np.random.default_rng(0)
+    for name, img in (("rgb.png", Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))),
+                      ("grey.png", Image.fromarray(rng.integers(0, 256, (90, 120), dtype=np.uint8)))):
+        img.save(tmp_path / name)
+        x = docs_transform(out + ".json", tmp_path / name)
+        want = moco.test_transform(size, stats)(moco.to_rgb(Image.open(tmp_path / name)))
+        assert x.shape == (1, 3, size, size) and torch.equal(x[0], want)
+    if source == "folder":
+        net = run_pasted(info["code"], monkeypatch)
+        with torch.no_grad():
+            same(net(x), ref(want[None]))
 
 
 @pytest.mark.parametrize("source", ["moco-basic32", "dim-basic32", "dim-alex64"])

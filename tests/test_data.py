@@ -81,7 +81,7 @@ def test_stl10_pretrains_on_every_image_and_probes_labelled_ones(script, stl10, 
     main, flags = (moco.main, MOCO) if script == "moco" else (dim.main, DIM + ["--gpu-aug", "on"])
     code, log, err = run(main, flags + ["--dataset", "stl10", "--data", stl10, "--out", out], capsys)
     assert code == 0, err
-    assert "data: 64 images (24 labelled: the kNN bank)" in log, log
+    assert "data: 64 images pretrain (24 labelled: the kNN bank)" in log, log
     lines = [json.loads(s) for s in open(out / "metrics.jsonl")]
     assert lines[-1]["step"] == 4 and lines[-1]["knn_s"] > 0, lines[-1]
     hits = lines[-1]["knn_top1"] * FakeSTL10.TEST / 100  # the test set's labelled images only: a whole number of them
@@ -170,7 +170,7 @@ def test_knn_monitor_is_shared_by_two_ranks(train_val_folder, tmp_path):
     assert counts == [[54, 45], [54, 45]], counts
     knn = [json.loads(s) for s in open(out / "metrics.jsonl") if "knn_top1" in s]
     assert len(knn) == 1 and knn[0]["step"] == 3 and knn[0]["knn_s"] > 0, knn
-    assert f"epoch 1 kNN top-1 {knn[0]['knn_top1']:.2f} (" in log
+    assert f"epoch 1 kNN top-1 (head) {knn[0]['knn_top1']:.2f} (" in log
     assert knn[0]["knn_top1"] == moco_knn_one_process(out / "ckpt.pt", train_val_folder)
 
 
@@ -228,18 +228,90 @@ def tiny_imagenet(tmp_path):
 
 
 def test_tiny_imagenet_layout_trains(tiny_imagenet, tmp_path, capsys):
-    """Classes = train's wnid folders, images found recursively; val/ (no class folders) is not used, with a
-    note, and every 10th training image is held out instead."""
+    """Classes = train's wnid folders, images found recursively; val/images with val_annotations.txt is the test
+    split, labelled by train's class names; every training image pretrains."""
     train, test, stats = moco.load_data(moco.Args(data=str(tiny_imagenet)))
-    note = capsys.readouterr().out
-    assert "note:" in note and "val" in note and "held out" in note, note
-    folder = train.dataset  # both splits are Subsets of one torchvision DatasetFolder
-    assert isinstance(folder, torchvision.datasets.DatasetFolder) and test.dataset is folder
-    assert folder.class_to_idx == {w: c for c, w in enumerate(WNIDS)} and len(train) + len(test) == 36
-    assert test.indices == [9, 19, 29] and sorted(set(moco.targets(train))) == [0, 1, 2]
-    assert all(p.endswith(".JPEG") and f"/train/{WNIDS[c]}/images/" in p for p, c in folder.samples)
+    assert "note" not in capsys.readouterr().out
+    assert isinstance(train, torchvision.datasets.DatasetFolder) and len(train) == 36
+    assert train.class_to_idx == {w: c for c, w in enumerate(WNIDS)}
+    assert all(p.endswith(".JPEG") and f"/train/{WNIDS[c]}/images/" in p for p, c in train.samples)
+    y = FASHION[1][np.flatnonzero(FASHION[1] < 3)[100:109]]  # the annotations' classes, val_0 ... val_8
+    assert [os.path.basename(p) for p, _ in test.samples] == [f"val_{j}.JPEG" for j in range(9)]
+    assert moco.targets(test) == y.tolist() and np.asarray(test[0][0]).shape == (64, 64, 3)
     code, log, err = run(moco.main, MOCO + ["--data", tiny_imagenet, "--out", tmp_path / "run"], capsys)
-    assert code == 0 and "done: 2 steps" in log and "data: 33 images" in log, err
+    assert code == 0 and "done: 2 steps" in log and "data: 36 images pretrain, " in log, err
+
+
+def imagenet_flat_val(tiny_imagenet):
+    """Kaggle's ImageNet layout from the Tiny ImageNet folder: ILSVRC/Data/CLS-LOC/{train,val}, val/ a flat folder
+    of JPEGs, LOC_val_solution.csv three folders above CLS-LOC (ImageId,PredictionString: the wnid first, boxes)."""
+    import shutil
+    top = tiny_imagenet.parent / "imagenet"
+    cls_loc = top / "ILSVRC" / "Data" / "CLS-LOC"
+    shutil.copytree(tiny_imagenet / "train", cls_loc / "train")
+    (cls_loc / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for line in (tiny_imagenet / "val" / "val_annotations.txt").read_text().splitlines():
+        name, wnid = line.split("\t")[:2]
+        image_id = "ILSVRC2012_val_" + name.removeprefix("val_").removesuffix(".JPEG").zfill(8)
+        shutil.copy(tiny_imagenet / "val" / "images" / name, cls_loc / "val" / f"{image_id}.JPEG")
+        rows.append(f"{image_id},{wnid} 1 2 60 61 {wnid} 3 4 50 51")
+    (top / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return cls_loc
+
+
+def test_imagenet_flat_val_with_loc_val_solution(tiny_imagenet, capsys):
+    """ImageNet's val as most downloads have it (flat JPEGs, labels in LOC_val_solution.csv) is the test split."""
+    train, test, _ = moco.load_data(moco.Args(data=str(imagenet_flat_val(tiny_imagenet))))
+    ref = moco.load_data(moco.Args(data=str(tiny_imagenet)))[1]
+    assert len(train) == 36 and len(test) == 9 and moco.targets(test) == moco.targets(ref)
+    assert [os.path.basename(p) for p, _ in test.samples] == [f"ILSVRC2012_val_{j:08d}.JPEG" for j in range(9)]
+    assert np.array_equal(np.asarray(test[4][0]), np.asarray(ref[4][0])) and "note" not in capsys.readouterr().out
+
+
+def flat_folder(image_folder, tmp_path):
+    """conftest's image folder (3 classes x 40) as ROOT/train, with an unusable val/ (a flat folder, no labels)."""
+    import shutil
+    root = tmp_path / "flat"
+    shutil.copytree(image_folder, root / "train")
+    (root / "val").mkdir()
+    shutil.copy(root / "train" / "class0" / "000.png", root / "val" / "a.png")
+    return root
+
+
+@pytest.mark.parametrize("knn, holdout, logged", [
+    ("0", "10", "data: 120 images pretrain, "),
+    ("1", "10", "data: 108 images pretrain, 12 held out as the kNN monitor's test set (every 10th), "),
+    ("1", "4", "data: 90 images pretrain, 30 held out as the kNN monitor's test set (every 4th), "),
+    ("1", "0", None)])
+def test_every_image_pretrains_unless_the_monitor_needs_a_test_split(knn, holdout, logged, image_folder, tmp_path,
+                                                                    capsys):
+    """A folder without a usable val split: images are held out only while the kNN monitor runs, as many as
+    --holdout-every says, and the log says how many pretrain; the unusable val gets a note. The monitor with nothing
+    held out has no test set: one line."""
+    code, log, err = run(moco.main, ["--data", flat_folder(image_folder, tmp_path), "--out", tmp_path / "o",
+                                     "--batch-size", "16", "--moco-k", "32", "--bn-splits", "1", "--workers", "0",
+                                     "--max-steps", "1", "--device", "cpu", "--knn-every", knn,
+                                     "--holdout-every", holdout], capsys)
+    if logged is None:
+        assert code == 2 and err.count("\n") == 1 and "kNN" in err, err
+        return
+    assert code == 0 and logged in log and "a.png" not in log, err
+    assert "note: " in log and "val: no class folders" in log and ("held out" in log) == (knn == "1")
+    assert json.load(open(tmp_path / "o" / "args.json"))["holdout_every"] == int(holdout)
+
+
+def test_unusable_val_stops_main_lincls(image_folder, moco_ckpt, tmp_path, capsys):
+    """eval_linear.py --protocol main_lincls never tests on held-out training images: a val split it cannot read
+    stops it in one line; --protocol ours holds out every 10th image instead, with notes."""
+    data = flat_folder(image_folder, tmp_path)
+    code, _, err = run(eval_linear.main, ["--pretrained", moco_ckpt, "--data", data, "--protocol", "main_lincls",
+                                          "--epochs", "1", "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 2 and err.startswith("error: --protocol main_lincls: no usable test split: ") and \
+        "val: no class folders" in err and err.count("\n") == 1, err
+    train, test, _ = eval_linear.datasets(eval_linear.parse_args(["--pretrained", moco_ckpt, "--data", str(data)]),
+                                          {"data": "", "dataset": "folder"})[:3]
+    assert (len(train), len(test)) == (108, 12)
 
 
 def test_val_folder_labelled_by_train_class_names(tiny_imagenet, capsys):

@@ -165,7 +165,7 @@ def test_one_process_and_two_train_the_same_model(mechanism, port, tmp_path, ima
     one, two = tmp_path / "one", tmp_path / "two"
     args = moco.parse_args(flags)[0]
     torch.manual_seed(0)  # what setup_device seeds before the model is built
-    init = moco.build_model(args, 108, 1, None).state_dict()
+    init = moco.build_model(args, 120, 1, None).state_dict()  # every image trains: no kNN monitor, nothing held out
     for steps in (1, 2):
         argv = flags + ["--max-steps", str(steps)]
         if steps == 2:  # the 1-process run goes on from the 2-rank checkpoint of step 1

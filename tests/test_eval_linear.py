@@ -21,6 +21,20 @@ def ckpt(moco_ckpt):
     return moco_ckpt
 
 
+@pytest.fixture(scope="module")
+def train_val(image_folder, tmp_path_factory):
+    """conftest's image folder as ROOT/train (108 images) and ROOT/val (12: every 10th image of each class's sorted
+    list), the split that --protocol main_lincls needs."""
+    import os
+    import shutil
+    root = tmp_path_factory.mktemp("train_val")
+    for c in sorted(os.listdir(image_folder)):
+        for j, name in enumerate(sorted(os.listdir(os.path.join(image_folder, c)))):
+            os.makedirs(root / ("val" if j % 10 == 9 else "train") / c, exist_ok=True)
+            shutil.copy(os.path.join(image_folder, c, name), root / ("val" if j % 10 == 9 else "train") / c / name)
+    return str(root)
+
+
 def parse(*flags):
     return eval_linear.parse_args(["--pretrained", "ckpt.pt", *map(str, flags)])
 
@@ -28,7 +42,8 @@ def parse(*flags):
 # ----------------------------------------------------------------------------------------------------
 # --protocol main_lincls
 # ----------------------------------------------------------------------------------------------------
-def test_main_lincls_trains_on_crops_of_every_image_and_reports_best_and_last(ckpt, tmp_path, monkeypatch, capsys):
+def test_main_lincls_trains_on_crops_of_every_image_and_reports_best_and_last(ckpt, train_val, tmp_path, monkeypatch,
+                                                                              capsys):
     """At 32 px: a RandomResizedCrop(32) + flip view of each of the 108 training images every epoch (counted where
     the crop is drawn), all of them in the one partial batch of the default 256, raw features, lr 30; the test top-1
     after every epoch in the JSON, the last as top1 and the best beside it, both in the printed line."""
@@ -39,7 +54,8 @@ def test_main_lincls_trains_on_crops_of_every_image_and_reports_best_and_last(ck
     monkeypatch.setattr(eval_linear, "train_batches", lambda a, e, ds, tf, *r: views.append(tf) or batches(a, e, ds,
                                                                                                             tf, *r))
     out = tmp_path / "official.json"
-    eval_linear.main(["--pretrained", ckpt, "--out", str(out), "--protocol", "main_lincls", "--epochs", "3", *QUICK])
+    eval_linear.main(["--pretrained", ckpt, "--data", train_val, "--out", str(out), "--protocol", "main_lincls",
+                      "--epochs", "3", *QUICK])
     r, printed = json.load(open(out)), capsys.readouterr().out
     kinds = [type(t) for t in views[0].transforms]
     assert kinds[:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip] and views[0].transforms[0].size == (32, 32)
@@ -170,3 +186,18 @@ def test_docstring_and_help_describe_the_code_as_it_is():
     words = doc + " ".join(help_entries().values())
     assert not re.search(r"#\d|\bissue\b|used to|no longer|previously|before 20\d\d", words)
     assert "main_lincls.py" not in help_entries()["--standardize"].split("(default")[0]
+
+
+def test_no_checkpoint_given_is_one_line():
+    p = in_process(eval_linear.main)
+    assert p.returncode == 2 and p.stderr.startswith("error: give --pretrained CHECKPOINT") and \
+        p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.parametrize("name", ["moco", "dim", "eval_linear", "study", "convert", "plot"])
+def test_help_description_is_a_whole_sentence(name):
+    """--help's description (the docstring's first line) is a whole sentence, not one cut at the line's end."""
+    import importlib
+    p = in_process(importlib.import_module(name).main, "--help")
+    description = " ".join(p.stdout.split("\n\n")[1].split())  # argparse wraps it at the terminal's width
+    assert p.returncode == 0 and description.endswith(".") and description.count(". ") == 0, description

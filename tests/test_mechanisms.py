@@ -188,9 +188,9 @@ def test_mechanism_resumes_exactly(flags, tmp_path, image_folder):
     mech = ca["args"]["mechanism"]
     assert ("bank" in keys) == (mech == "memory-bank") and ("queue" in keys) == (mech == "moco")
     assert not any(k.startswith("encoder_k.") for k in keys) or mech == "moco"
-    if mech == "memory-bank":  # one unit vector per training image (108: every 10th of 120 is held out)
+    if mech == "memory-bank":  # one unit vector per training image (all 120: no kNN monitor, nothing held out)
         bank = ca["model"]["bank"]
-        assert bank.shape == (128, 108) and torch.allclose(bank.norm(dim=0), torch.ones(108), atol=1e-5)
+        assert bank.shape == (128, 120) and torch.allclose(bank.norm(dim=0), torch.ones(120), atol=1e-5)
     enc, meta = eval_linear.load_encoder(eval_linear.Args(pretrained=os.path.join(a, "ckpt.pt"), layer="backbone"))
     assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 1024) and meta["mechanism"] == mech
 

@@ -107,3 +107,12 @@ def test_user_errors(tmp_path, case):
     assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert words in p.stderr, p.stderr
     assert not out.exists()
+
+
+def test_one_logged_point_is_drawn(tmp_path):
+    """A run that has logged one training line and one kNN line: each panel shows its point as a marker (a line of
+    one point draws nothing)."""
+    run = write_run(tmp_path / "one", [moco_line(1, 5.0), knn_line(1, 40.0)])
+    fig = plot.plot([("one", *plot.read_metrics(run)[1:3])], str(tmp_path / "c.png"))
+    for ax in fig.axes:
+        assert len(ax.lines) == 1 and ax.lines[0].get_marker() not in (None, "None", "", " "), ax.get_title()
