@@ -519,8 +519,9 @@ def main(argv=None, body=None, oom="lower --batch-size (and --lr with it), or ad
         sys.exit(code)
     finally:  # loader processes ignore the stop signals: left alive, they would hold the exit for ever
         end_loaders()
-        for name, old in STOP["old"].items():
-            signal.signal(getattr(signal, "SIG" + name), signal.SIG_DFL if old is None else old)
+        for name, old in STOP["old"].items():  # after a stop, the stop signals are ignored until the exit
+            old = signal.SIG_IGN if STOP["signal"] else signal.SIG_DFL if old is None else old
+            signal.signal(getattr(signal, "SIG" + name), old)
         release_lock()
 
 
@@ -1157,12 +1158,11 @@ def load_checkpoint(path, algo=None, need=(), ways=""):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or an object that only code could rebuild
-        if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
+    except Exception as e:  # truncated, not a torch file, or an object that only code could rebuild (a GLOBAL)
+        if not (isinstance(e, pickle.UnpicklingError) and "GLOBAL " in str(e)):
             raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint{ways}")
-        what = str(e).split("GLOBAL ", 1)[-1].split()[0] if "GLOBAL " in str(e) else "objects"
-        raise UserError(f"{path} holds {what}, not only tensors, numbers, strings, lists and dicts: not loaded, as "
-                        "loading it could run code") from None
+        raise UserError(f"{path} holds {str(e).split('GLOBAL ', 1)[1].split()[0]}, not only tensors, numbers, strings, "
+                        "lists and dicts: not loaded, as loading it could run code") from None
     if not isinstance(ckpt, dict) or algo and ckpt.get("algo") != algo:
         found = ckpt.get("algo", "not ours") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a {algo + '.py checkpoint' if algo else 'checkpoint dict'} (found: {found})")

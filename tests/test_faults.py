@@ -554,14 +554,16 @@ def test_the_documented_slurm_recipes_requeue_a_stopped_run_and_not_a_finished_o
 
 @slow
 def test_a_second_signal_does_not_change_the_exit_status(tmp_path, image_folder):
-    """SIGTERM, then SIGTERM again 0.3 s later (a scheduler that escalates): exit 75, one "stopped" line, no
-    temporary file, the checkpoint whole and finite."""
+    """SIGTERM, then SIGTERM again from 0.3 s later every 20 ms until the end (a scheduler that escalates): exit 75,
+    one "stopped" line, no temporary file, the checkpoint whole and finite."""
     out = tmp_path / "run"
     p = start("moco.py", "--data", image_folder, "--out", out, "--epochs", 50, "--save-every", 1, *MOCO)
     wait_for_step(p, out, 3)
     p.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    p.send_signal(signal.SIGTERM)
+    while p.poll() is None:  # and again, until it has ended
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
     r = finish(p)
     assert r.returncode == moco.PREEMPTED and r.stdout.count("stopped by SIGTERM") == 1, r.stdout[-2000:] + r.stderr
     assert kept(out) >= 3 and not [f for f in os.listdir(out) if ".tmp." in f]
@@ -653,6 +655,20 @@ def test_leftover_temporary_files_are_removed_at_the_next_start(tmp_path, two_st
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["args.json", "ckpt.pt", "eval_backbone_linear.json.tmp.5", "metrics.jsonl",
                                        "notes.txt", "status"]
+
+
+def test_the_evaluation_result_is_written_by_a_rename(tmp_path, moco_ckpt, monkeypatch):
+    """eval_linear.py's result JSON goes to a temporary file that is renamed over OUT: a failed write never leaves
+    half a result, nor an older one emptied. In this process, the renames watched (--workers 0: nothing to do with
+    loader processes)."""
+    renamed, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((str(a), str(b))), real(a, b)))
+    out = tmp_path / "e.json"
+    out.write_text("older")
+    import eval_linear
+    r = in_process(eval_linear.main, "--pretrained", moco_ckpt, "--epochs", 1, "--out", out, "--workers", 0)
+    assert r.returncode == 0 and json.load(open(out))["epochs"] == 1, r.stderr
+    assert (f"{out}.tmp.{os.getpid()}", str(out)) in renamed, renamed
 
 
 def test_a_rename_is_followed_by_an_fsync_of_its_folder(tmp_path, monkeypatch):
