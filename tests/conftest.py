@@ -75,3 +75,48 @@ def in_process(main, *argv, check=False):
     if check and code != 0:
         raise AssertionError(f"{argv} exited {code}:\n{out.getvalue()[-2000:]}\n{err.getvalue()[-3000:]}")
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def layout(t):
+    """A 4-D tensor's memory order: "channels_last", "contiguous", "either" (one channel or one pixel: both at
+    once) or "other"."""
+    cl, plain = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
+    return "either" if cl and plain else "channels_last" if cl else "contiguous" if plain else "other"
+
+
+class Inside:
+    """What a run did inside its training steps, seen from there (never read from its log): for every call of an
+    nn.Conv2d in training mode (not dim.py's shape probe, not the kNN monitor) its output's dtype and its input's
+    and weight's memory order (a global forward hook), and the calls of the functions given to count()."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.convs, self.calls = monkeypatch, [], {}
+
+    def hook(self, mod, inputs, output):
+        if isinstance(mod, torch.nn.Conv2d) and mod.training:
+            self.convs.append((output.dtype, layout(inputs[0]), layout(mod.weight)))
+
+    def count(self, owner, name, label=None):
+        """Count the calls of owner.NAME (a module's function, looked up at each call) under `label`."""
+        label, fn = label or name, getattr(owner, name)
+        self.calls[label] = 0
+
+        def counted(*a, **k):
+            self.calls[label] += 1
+            return fn(*a, **k)
+        self.monkeypatch.setattr(owner, name, counted)
+
+    def dtypes(self):
+        return {d for d, _, _ in self.convs}
+
+    def layouts(self):
+        """The memory orders of the convolutions' inputs and weights, leaving out those that are both."""
+        return {f for _, x, w in self.convs for f in (x, w)} - {"either"}
+
+
+@pytest.fixture
+def inside(monkeypatch):
+    seen = Inside(monkeypatch)
+    handle = torch.nn.modules.module.register_module_forward_hook(seen.hook)
+    yield seen
+    handle.remove()

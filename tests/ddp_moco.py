@@ -3,7 +3,10 @@
     torchrun --nproc_per_node=2 tests/ddp_moco.py train OUT moco.py-flags...   -> OUT/rank{r}.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py logits OUT                   -> OUT/logits.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py dim OUT dim.py-flags...      -> OUT/rank{r}.pt
+    torchrun --nproc_per_node=2 tests/ddp_moco.py fused OUT moco.py-flags...   -> OUT/fused_rank{r}.json
 train and dim also write OUT/extract_rank{r}.json: the number of images rank r encoded in each call of extract().
+fused: --fused auto where each rank's timing would choose differently (rank 0: the fused op is faster, rank 1: the
+eager path); the JSON says how often the rank measured and called the fused op, and whether its model holds it.
 """
 import json
 import os
@@ -40,7 +43,24 @@ def small_moco(bn_splits):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
-    if mode in ("train", "dim"):
+    if mode == "fused":
+        calls = {"measured": 0, "fused loss": 0}
+
+        def timed(*a, **k):  # (eager, fused) seconds
+            calls["measured"] += 1
+            return (2.0, 1.0) if rank == 0 else (1.0, 2.0)
+        moco.time_infonce = timed
+        ext = moco.load_fused("on", torch.device("cpu"))
+        loss = ext.infonce_loss
+
+        def counted(*a, **k):
+            calls["fused loss"] += 1
+            return loss(*a, **k)
+        ext.infonce_loss = counted
+        model = moco.train(sys.argv[3:] + ["--out", out])
+        with open(os.path.join(out, f"fused_rank{rank}.json"), "w") as f:
+            json.dump({**calls, "holds the op": model.fused is not None}, f)
+    elif mode in ("train", "dim"):
         import dim
         counts = []  # images this rank encoded in each feature extraction (the kNN monitor's bank and test set)
         for script in (moco, dim):
