@@ -52,36 +52,35 @@ def resumed_equals_straight(main, argv, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_batch_norm_under_autocast_takes_float32_statistics(dtype):
-    """Under autocast the convolution hands split BN a half-precision batch: its statistics are taken in float32 and
-    its running buffers stay float32; with one group it is BatchNorm2d exactly, with several the float32 result
-    within the half type's rounding, in the input's type as BatchNorm2d's output."""
+    """Under autocast the convolution hands split BN a half-precision batch: its statistics are taken in float32, its
+    running buffers stay float32 and its output is in the input's type, as BatchNorm2d's. The reference is
+    independent: one nn.BatchNorm2d per group in float32 on the same (rounded) input. The output is that float32
+    result rounded once: |y - ref| <= eps/2 |ref| + 2e-6 (measured 2026-12-07 over 50 seeds x 1 and 4 groups: at
+    most 5.7e-7 (bf16) and 8.2e-7 (fp16) beyond the rounding, float32 arithmetic in another order). The input's mean
+    (8) is large against its spread (0.5), so statistics taken in the half type are far outside that bound
+    (measured: 9e-2 bf16, 1e-2 fp16 beyond it)."""
     torch.manual_seed(0)
-    x = torch.randn(16, 8, 5, 5) * 3 + 1
+    half = (torch.randn(16, 8, 5, 5) * 0.5 + 8).to(dtype)
+    eps = torch.finfo(dtype).eps
     for splits in (1, 4):
         net = moco.SplitBatchNorm(8, num_splits=splits)
-        ref = moco.SplitBatchNorm(8, num_splits=splits)
         with torch.no_grad():
-            for m in (net, ref):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-1, 1)
-            ref.load_state_dict(net.state_dict())
-        half = x.to(dtype)
-        with torch.autocast("cpu", dtype=dtype):
-            y = net(half)
-        y32 = ref(half.float())  # the float32 computation on the same (rounded) input
-        assert y.dtype == dtype and net.running_mean.dtype == net.running_var.dtype == torch.float32
-        assert torch.allclose(net.running_mean, ref.running_mean, atol=1e-6)
-        assert torch.allclose(net.running_var, ref.running_var, atol=1e-5)
-        if splits == 1:
-            bn = nn.BatchNorm2d(8)
-            with torch.no_grad():
+            net.weight.uniform_(0.5, 1.5)
+            net.bias.uniform_(-1, 1)
+        refs = [nn.BatchNorm2d(8) for _ in range(splits)]
+        with torch.no_grad():
+            for bn in refs:
                 bn.weight.copy_(net.weight)
                 bn.bias.copy_(net.bias)
-            with torch.autocast("cpu", dtype=dtype):
-                assert torch.equal(bn(half), y)
-        eps = torch.finfo(dtype).eps
-        assert torch.allclose(y.float(), y32, rtol=2 * eps, atol=4 * eps * y32.abs().max().item()), \
-            (y.float() - y32).abs().max()
+        with torch.autocast("cpu", dtype=dtype):
+            y = net(half)
+        ref = torch.cat([bn(g) for bn, g in zip(refs, half.float().chunk(splits))]).detach()
+        assert y.dtype == dtype and net.running_mean.dtype == net.running_var.dtype == torch.float32
+        assert torch.allclose(y.float(), ref, rtol=eps / 2, atol=2e-6), \
+            ((y.float() - ref).abs() - ref.abs() * eps / 2).max()
+        for name in ("running_mean", "running_var"):  # the groups' mean, each with BatchNorm2d's momentum
+            mean = torch.stack([getattr(bn, name) for bn in refs]).mean(0)
+            assert torch.allclose(getattr(net, name), mean, rtol=1e-6, atol=1e-6), name
 
 
 def test_encoder_with_split_batch_norm_trains_under_autocast():
