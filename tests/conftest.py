@@ -1,8 +1,10 @@
 import contextlib
 import io
 import os
+import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +20,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def rng(request):
+    """A random.Random for a test's random choices (the step a signal arrives at, the worker it goes to), seeded
+    from TEST_SEED if set, else from the clock. The seed is printed (pytest shows it beside a failure), so that
+    `TEST_SEED=N python -m pytest ...` repeats the failing draw."""
+    seed = int(os.environ.get("TEST_SEED") or time.time_ns() % 2**32)
+    print(f"{request.node.name}: random choices from seed {seed} (TEST_SEED={seed} repeats them)")
+    return random.Random(seed)
 
 
 @pytest.fixture(scope="session")
