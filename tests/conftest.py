@@ -13,9 +13,36 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow, which `python -m pytest "
+                                                             "-q tests` leaves out (`-m slow`: only those)")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run of a script or of torchrun (10-70 s each on 2 cores); "
-                                       "`pytest -m 'not slow'` is the quick subset")
+    config.addinivalue_line("markers", "slow: a process-level, fault, torchrun or experiment test (10-70 s each on 2 "
+                                       "cores); left out unless --runslow or a -m expression is given")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README's command leaves the slow tests out (the pytest convention: --runslow runs them too); a -m
+    expression (`-m slow`, `-m "not slow"`) chooses for itself."""
+    if config.getoption("--runslow") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.stash[SLOW_LEFT_OUT] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.stash.get(SLOW_LEFT_OUT, 0)
+    if n:
+        terminalreporter.write_line(f"{n} slow tests left out (process-level, fault, torchrun and experiment tests): "
+                                    "run them with `python -m pytest -q -m slow tests`, everything with --runslow")
+
+
+SLOW_LEFT_OUT = pytest.StashKey[int]()
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

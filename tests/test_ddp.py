@@ -35,6 +35,7 @@ def ddp_run(tmp_path_factory, image_folder):
     return out, log
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_identical(ddp_run):
     """Both ranks end with the same weights, queue and pointer; the keys of both ranks were enqueued
     (pointer = 6 x global batch mod K). The queue is excluded from DDP's buffer broadcast, so equality shows
@@ -78,6 +79,7 @@ def test_killed_and_resumed_equals_uninterrupted(ddp_run, tmp_path, image_folder
         assert torch.equal(v, b["model"][k]), (k, killed_at)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_split_bn(tmp_path, monkeypatch):
     """Shuffle-BN on 2 ranks of 8 images == one process on the 16 images with --bn-splits 2, given the same
     permutation: split BN's group s is the contiguous slice 8s..8s+7, the images rank s holds and, after the
