@@ -184,16 +184,25 @@ def test_compile_trains(script, flags, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, flags", [
-    ("moco.py", MOCO + ["--amp", "--bn-splits", "2", "--fused", "on", "--channels-last", "on", "--symmetric"]),
-    ("dim.py", DIM + ["--preset", "dimLG", "--amp", "--amp-dtype", "float16", "--channels-last", "on"]),
+    ("moco", MOCO + ["--amp", "--bn-splits", "2", "--fused", "on", "--channels-last", "on", "--symmetric"]),
+    ("dim", DIM + ["--preset", "dimLG", "--amp", "--amp-dtype", "float16", "--channels-last", "on"]),
 ], ids=["moco", "dim"])
 def test_options_under_torchrun(script, flags, tmp_path):
-    """The same options on 2 processes (gloo): autocast, channels-last, the fused op, the symmetric loss."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-                        *flags, "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """The same options on 2 processes (gloo): autocast, channels-last, the fused op, the symmetric loss, each seen
+    inside every rank's steps (tests/ddp_moco.py observe: the convolutions' dtype and memory order, the op's calls)."""
+    import json
+    out = tmp_path / "run"
+    moco.load_fused("on", torch.device("cpu"))  # built (just in time where it is not installed) before the workers
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/ddp_moco.py", "observe", str(out), script, *flags], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MOCO_EXT_JIT": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "done: 2 steps" in r.stdout and all(v == v for v in losses(tmp_path / "run"))
+    assert "done: 2 steps" in r.stdout and all(math.isfinite(v) for v in losses(out))
+    for rank in (0, 1):
+        seen = json.load(open(out / f"observed_rank{rank}.json"))
+        assert seen["dtypes"] == ["torch.bfloat16" if script == "moco" else "torch.float16"], seen
+        assert seen["layouts"] == ["channels_last"], seen
+        assert seen["fused loss"] == (2 * 2 if script == "moco" else 0), seen  # 2 steps, symmetric: 2 a step
 
 
 # ----------------------------------------------------------------------------------------------------
