@@ -1553,7 +1553,8 @@ def load_fused(mode, device, log=print):
         return moco_ext
     except Exception as e:
         if mode == "on":
-            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]}")
+            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]} (a resumed run "
+                            "keeps its checkpoint's --fused, also where --fused auto chose it: give --fused off)")
         log(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
         return None
     finally:

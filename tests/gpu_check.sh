@@ -161,7 +161,8 @@ load() {  # versions, then moco_ext: the pip-built library, else the JIT build (
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
     || echo "nvidia-smi: none"
   if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: none"; fi
-  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-default}"
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" \
+    "TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-default}"
   if [ "${OWN_EXT:-0}" = 1 ]; then  # a build killed by a timeout leaves torch's lock; the next would wait on it
     find "$TORCH_EXTENSIONS_DIR" -mindepth 2 -maxdepth 2 -name lock -type f -print -delete 2>/dev/null \
       | sed 's/^/removed a stale build lock: /'

@@ -152,8 +152,8 @@ def test_gpu_check_removes_a_stale_build_lock(tmp_path):
 def test_gpu_check_stage2_dry_run(tmp_path):
     """Stage 2 without a GPU: the --fused on/off comparison runs (3 CPU steps), the CUDA steps skip."""
     p, files = gpu_check(2, tmp_path)
-    check(p, r"gpu_check stage 2: 0 step\(s\) failed", r"^scripts: PASS$", *(rf"^\[{s}\] skipped: no CUDA GPU$" for s in (
-        "moco_amp", "eval_linear", "torchrun", "dim_amp")))
+    check(p, r"gpu_check stage 2: 0 step\(s\) failed", r"^scripts: PASS$",
+          *(rf"^\[{s}\] skipped: no CUDA GPU$" for s in ("moco_amp", "eval_linear", "torchrun", "dim_amp")))
     assert re.search(r"^frozen weights \(--lr 1e-30\): steps 1-3 within 1\.0e-05: yes", files["s2_fused.txt"], re.M)
 
 
