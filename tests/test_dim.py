@@ -264,7 +264,6 @@ def test_prior_step_runs_outside_autocast_with_its_own_scaler(monkeypatch, insid
 # ---------------------------------------------------------------------------------------------------
 # Learning: a short local-DIM run on real images beats the same encoder at random initialisation
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_local_dim_learns():
     """kNN accuracy of the conv-tap features on a subset of the built-in data (3000 bank / 1000 test images),
     after 100 DIM(L) steps, against the same network at its random initialisation. The conv tap moves first;

@@ -148,7 +148,6 @@ def test_dim_options_train_and_resume_exactly(preset, flags, tmp_path, inside):
     assert bool(ck["scaler"]) == fp16 and bool(ck["prior_scaler"]) == fp16
 
 
-@pytest.mark.slow
 def test_eval_linear_on_an_autocast_checkpoint(tmp_path, inside):
     """eval_linear.py (the probe, and fine-tuning) reads what an --amp --channels-last run wrote (both options seen
     applied inside its steps)."""

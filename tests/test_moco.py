@@ -271,7 +271,6 @@ def test_v2_mlp_head_has_official_keys():
     assert model.encoder_q.fc[0].weight.shape == (512, 512)
 
 
-@pytest.mark.slow
 def test_learning_lowers_held_out_loss():
     """40 MoCo steps on real images (the built-in data, batch 32, K 256, split BN) lower the InfoNCE loss
     of held-out images: queries of 128 test images against their own second view and 256 other test
