@@ -101,6 +101,7 @@ def test_signal_saves_and_the_resumed_run_equals_a_straight_one(script, flags, s
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     one_thread(script.main, *argv[1:], "--out", straight)
     at = rng.randint(2, 6)
+    print(f"the signal after step {at}")
     p = subprocess.Popen([sys.executable] + argv + ["--out", stopped], cwd=ROOT, env=ENV, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     signal_at(p, stopped, at, sig=sig)
@@ -176,6 +177,7 @@ def test_signal_under_torchrun(target, straight_two, tmp_path, image_folder, rng
     out, flags = str(tmp_path / "run"), ["--data", image_folder, "--max-steps", "10", *MOCO]
     p = torchrun(["--standalone", "--nproc_per_node=2"], flags, out)
     at = rng.randint(2, 6)
+    print(f"the signal after step {at}")
     signal_at(p, out, at, None if target == "torchrun" else lambda: rng.choice(children(p.pid)))
     log = finish(p, ok=(1, -signal.SIGTERM, 128 + signal.SIGTERM))  # torchrun reports its workers' exit 75
     assert log.count("stopped by") == 1, log[-3000:]
@@ -359,6 +361,7 @@ def test_eval_linear_stops_and_resumes_exactly(mode, pretrained, tmp_path, rng):
             *mode]
     one_thread(eval_linear.main, *argv, "--out", tmp_path / "straight.json")
     at = rng.randint(1, 3)
+    print(f"the signal in probe epoch {at}")
     p = subprocess.Popen([sys.executable, "eval_linear.py", *argv, "--out", str(tmp_path / "stopped.json")],
                          cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in p.stdout:
