@@ -1264,7 +1264,7 @@ class Run:
             args.out = os.path.dirname(args.resume) or "."
         given["out"] = args.out  # the folder is this command's, never the checkpoint's (it may have moved)
         self.algo, self.path, self.ckpt, self.src, notes = algo, os.path.join(args.out, "ckpt.pt"), None, None, []
-        self.pending, self.kept, self.files, self.nan_hint = None, None, {}, "a lower --lr"
+        self.pending, self.kept, self.files, self.nan_hint, self.early = None, None, {}, "a lower --lr", []
         if args.resume == "auto" and args.overwrite:
             notes.append(f"note: --overwrite: a fresh run, whatever {self.path} holds")
         elif args.resume:
@@ -1353,7 +1353,8 @@ class Run:
         replace_file(files["args.json"], lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=1).encode()),
                      "arguments")
         keep = lines_upto(files["metrics.jsonl"], self.ckpt["step"]) if self.ckpt and self.kept is not None else []
-        replace_file(files["metrics.jsonl"], lambda f: f.write("".join(keep).encode()), "metrics")
+        replace_file(files["metrics.jsonl"], lambda f: f.write("".join(keep + self.early).encode()), "metrics")
+        self.early = None  # the lines logged before (train()'s choices) are in
 
     def mark(self, kept, pending=None):
         """OUT/ckpt.pt holds step `kept`, or `pending` (awaiting its next step; OUT/ckpt.pt.prev then holds `kept`)."""
@@ -1368,7 +1369,9 @@ class Run:
         the same values as scalars at their step in OUT/tb (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
-            if metrics:
+            if metrics and self.early is not None:  # until open_log()
+                self.early.append(json.dumps(metrics) + "\n")
+            elif metrics:
                 append_line(self.files["metrics.jsonl"], json.dumps(metrics))
             for k, v in metrics.items() if self.tb is not None else ():
                 if k != "step":

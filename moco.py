@@ -118,8 +118,9 @@ class Args:
     bn: str = arg("shuffle", "shuffle: batch norm per group of the batch with the keys shuffled across the groups "
                              "(official); sync: SyncBatchNorm over the global batch of all GPUs (ignores --bn-splits)",
                   ("shuffle", "sync"))
-    fused: str = arg("auto", "fused InfoNCE + enqueue from the moco_ext extension (csrc/); auto = where it is built "
-                             "and, on a GPU, expected to be faster (TF32 allowed, as with --amp)", ("auto", "on", "off"))
+    fused: str = arg("auto", "fused InfoNCE + enqueue from the moco_ext extension (csrc/); auto = where it is built, "
+                             "if it times faster than the eager path at this run's shapes at start-up (the choice is "
+                             "kept on resume; on or off pins it)", ("auto", "on", "off"))
     # the dictionary (paper Sec. 3.2, Fig. 3): the same InfoNCE and T for the three mechanisms
     mechanism: str = arg("moco", "moco: queue + momentum encoder; end-to-end: keys = the current batch, with "
                                  "gradients, K = global batch - 1; memory-bank: Wu et al. 2018, K from --moco-k",
@@ -181,6 +182,16 @@ def infonce_loss(q, k, queue, T):
     logits = infonce_logits(q, k, queue, T)  # (N, 1+K)
     loss = F.cross_entropy(logits, logits.new_zeros(len(q), dtype=torch.long), reduction="none")  # (N,)
     return loss, (logits[:, 1:] > logits[:, :1]).sum(1)  # (N,), (N,)
+
+
+@torch.no_grad()
+def enqueue(queue, ptr, keys):
+    """Algorithm 1's enqueue + dequeue: keys (B, C) replace the oldest B columns of queue (C, K), from ptr (1,) on.
+    NOTE(deviation): a wrap-around write, so any K >= B works (official: assert K % batch == 0). The pointer stays
+    on the device: no host sync."""
+    idx = (ptr + torch.arange(keys.shape[0], device=keys.device)) % queue.shape[1]  # (B,)
+    queue.index_copy_(1, idx, keys.T.to(queue.dtype))
+    ptr.copy_((ptr + keys.shape[0]) % queue.shape[1])
 
 
 def accuracies(n_beat):
@@ -286,11 +297,7 @@ class MoCo(nn.Module):
         keys = concat_all_gather(keys)  # (B_global, C)
         if self.fused is not None:
             return self.fused.enqueue_(self.queue, self.queue_ptr, keys.to(self.queue.dtype))
-        # NOTE(deviation): wrap-around write, so any K >= batch works (official: assert K % batch == 0).
-        # The pointer stays on the device: no host sync.
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
-        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
+        enqueue(self.queue, self.queue_ptr, keys)
 
     def _query_and_key(self, im_q, im_k):
         """-> q (N, C) and the momentum encoder's k (N, C), both L2-normalised and at least fp32 under autocast."""
@@ -582,6 +589,8 @@ def train(argv=None):
                 + (f"; --bn-splits {args.bn_splits} is ignored" if args.bn_splits > 1 else "")
                 + ("; on one process the keys' statistics include their positives (no shuffle-BN)" if world == 1 else ""))
     fused = load_fused(args.fused, device, run.log) if args.mechanism != "end-to-end" else None
+    if args.fused == "auto" and args.mechanism != "end-to-end":
+        fused = choose_fused(fused, run)
     model = build_model(args, run.sampler.n, world, fused).to(device, memory_format=run.fmt)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                           momentum=args.momentum, weight_decay=args.wd)
@@ -1408,7 +1417,7 @@ class Run:
             args.out = os.path.dirname(args.resume) or "."
         given["out"] = args.out  # the folder is this command's, never the checkpoint's (it may have moved)
         self.algo, self.path, self.ckpt, self.src, notes = algo, os.path.join(args.out, "ckpt.pt"), None, None, []
-        self.pending, self.kept, self.files, self.nan_hint = None, None, {}, "a lower --lr"
+        self.pending, self.kept, self.files, self.nan_hint, self.early = None, None, {}, "a lower --lr", []
         if args.resume == "auto" and args.overwrite:
             notes.append(f"note: --overwrite: a fresh run, whatever {self.path} holds")
         elif args.resume:
@@ -1497,7 +1506,8 @@ class Run:
         replace_file(files["args.json"], lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=1).encode()),
                      "arguments")
         keep = lines_upto(files["metrics.jsonl"], self.ckpt["step"]) if self.ckpt and self.kept is not None else []
-        replace_file(files["metrics.jsonl"], lambda f: f.write("".join(keep).encode()), "metrics")
+        replace_file(files["metrics.jsonl"], lambda f: f.write("".join(keep + self.early).encode()), "metrics")
+        self.early = None  # the lines logged before (train()'s choices) are in
 
     def mark(self, kept, pending=None):
         """OUT/ckpt.pt holds step `kept`, or `pending` (awaiting its next step; OUT/ckpt.pt.prev then holds `kept`)."""
@@ -1512,7 +1522,9 @@ class Run:
         the same values as scalars at their step in OUT/tb (rank 0 only)."""
         if self.rank == 0:
             print(text, flush=True)
-            if metrics:
+            if metrics and self.early is not None:  # until open_log()
+                self.early.append(json.dumps(metrics) + "\n")
+            elif metrics:
                 append_line(self.files["metrics.jsonl"], json.dumps(metrics))
             for k, v in metrics.items() if self.tb is not None else ():
                 if k != "step":
@@ -2006,26 +2018,23 @@ def batch_prepare(gpu_aug, args, stats, device):
 
 def load_fused(mode, device, log=print):
     """--fused: the moco_ext extension (csrc/: no (N, 1+K) logits in memory), or None for the pure-PyTorch path.
-    auto: where the library is built (pip install -e .) and runs here; on a GPU only with TF32 allowed (as --amp
-    allows it), where its tensor-core path runs: plain fp32 takes a kernel of fused multiply-adds that is not
-    known to beat cuBLAS. on: always, built with ninja at the import if it is not installed."""
+    auto: where the library is built (pip install -e .) and passes its trial launch here (choose_fused then times
+    it against the eager path); on: always, built with ninja at the import if it is not installed."""
     if mode == "off":
-        return None
-    if mode == "auto" and device.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32:
-        log("note: fused InfoNCE off: fp32 without TF32 (it is on with --amp, or --fused on)")
         return None
     jit = os.environ.get("MOCO_EXT_JIT")
     try:
         if mode == "on":
             os.environ["MOCO_EXT_JIT"] = "1"  # read by the import below only
         import moco_ext
-        reason = moco_ext.unusable_reason(device)  # no CUDA kernels, or none for this GPU's architecture
+        reason = moco_ext.unusable_reason(device)  # no CUDA kernels, none for this GPU's architecture, a bad trial
         if reason:
             raise ImportError(reason)
         return moco_ext
     except Exception as e:
         if mode == "on":
-            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]}")
+            raise UserError(f"--fused on: cannot import or build moco_ext: {str(e).splitlines()[0]} (a resumed run "
+                            "keeps its checkpoint's --fused, also where --fused auto chose it: give --fused off)")
         log(f"note: fused InfoNCE not available ({str(e).splitlines()[0]}); using the pure-PyTorch path")
         return None
     finally:
@@ -2033,6 +2042,62 @@ def load_fused(mode, device, log=print):
             os.environ.pop("MOCO_EXT_JIT", None)
         elif mode == "on":
             os.environ["MOCO_EXT_JIT"] = jit
+
+
+def choose_fused(fused, run):
+    """--fused auto, as cuDNN's benchmark mode picks convolution algorithms: the fused op (None: not available) and
+    this script's own eager path timed at this run's shapes, the faster taken. Rank 0 measures and decides, the
+    others follow. The choice is written into the arguments (--fused on or off), so the checkpoint holds it and a
+    resumed run keeps it (resume stays exact); --fused auto given again measures again. -> the op or None."""
+    args, device = run.args, run.device
+    N, C, K, T = args.batch_size // run.world, args.moco_dim, args.moco_k, args.moco_t
+    keys = args.batch_size * (2 if args.symmetric else 1) if args.mechanism == "moco" else 0  # enqueued per step
+    times = torch.zeros(2)  # (eager, fused) seconds per step
+    if fused is not None and run.rank == 0:
+        times = torch.tensor(time_infonce(fused, N, C, K, T, keys, device))
+    choice = torch.tensor([float(fused is not None and times[1] < times[0])])
+    if run.world > 1:  # a CPU tensor: gloo, or the control group beside NCCL
+        dist.broadcast(choice, 0, group=run.ctrl)
+    args.fused = "on" if choice.item() else "off"
+    if fused is not None:
+        where = f"{device.type}" + (f", TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+                                    if device.type == "cuda" else "")
+        run.log(f"fused InfoNCE: {times[1] * 1e3:.3f} ms against eager {times[0] * 1e3:.3f} ms per step (forward, "
+                f"backward{', enqueue' if keys else ''}; N {N}, C {C}, K {K}, float32, {where}): --fused "
+                f"{args.fused}, kept on resume", step=run.ckpt["step"] if run.ckpt else 0,
+                fused_ms=times[1].item() * 1e3, eager_ms=times[0].item() * 1e3, fused=args.fused)
+    return fused if args.fused == "on" else None
+
+
+def time_infonce(fused, N, C, K, T, keys, device, warmup=3, repeat=10):
+    """-> (eager, fused) median seconds of one step's InfoNCE: the loss's forward and backward for N queries
+    against K negatives of C dimensions (float32), then the enqueue of `keys` keys (0: none), this script's
+    infonce_loss and enqueue against fused's; after `warmup` calls each, the two take turns, synchronised. The
+    inputs come from a generator of their own: the run's random streams are left as they were."""
+    g = torch.Generator(device).manual_seed(0)
+
+    def unit(*shape, dim):
+        return F.normalize(torch.randn(*shape, generator=g, device=device), dim=dim)
+    q, k, queue = unit(N, C, dim=1).requires_grad_(), unit(N, C, dim=1), unit(C, K, dim=0)  # (N, C), (N, C), (C, K)
+    new, ptr = unit(max(keys, 1), C, dim=1), torch.zeros(1, dtype=torch.long, device=device)  # (B, C), (1,)
+
+    def step(loss_fn, enqueue_fn):
+        loss_fn(q, k, queue, T)[0].mean().backward()
+        if keys:
+            enqueue_fn(queue, ptr, new)
+    paths = [partial(step, infonce_loss, enqueue), partial(step, fused.infonce_loss, fused.enqueue_)]
+    times = [[], []]
+    for i in range(warmup + repeat):
+        for path, t in zip(paths, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            path()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 if __name__ == "__main__":

@@ -1,24 +1,25 @@
-"""Benchmark: fused moco_ext InfoNCE loss and enqueue vs MoCo's pure-PyTorch (eager) code.
+"""Benchmark: fused moco_ext InfoNCE loss and enqueue vs moco.py's own pure-PyTorch (eager) path.
 
     python tests/bench_infonce.py                 # CPU (256, 128, 16384); GPU sizes if one is visible
     python tests/bench_infonce.py --device cpu    # CPU only (--threads 1: one core)
     python tests/bench_infonce.py --device cpu --quick   # toy sizes, 3 repeats: checks that it runs (seconds)
 
-Loss: forward + backward of the mean loss over the batch, q requiring grad.
-  eager = MoCo's formula: einsum pos, einsum neg against queue.clone().detach(), cat, /T,
-          cross_entropy (facebookresearch/moco builder.py); fused = moco_ext.infonce_loss.
-Enqueue: index_copy_ at (ptr + arange(N)) % K and a device-side ptr update vs moco_ext.enqueue_.
-Times are medians; eager and fused take turns, call by call. "extra peak" is the memory one
-step needs beyond its inputs: on CUDA from the caching allocator, on CPU the rise in peak RSS of
-a fresh subprocess. GPU rows also print the roofline floor: the bytes over this GPU's
-memory bandwidth (by its name: H200 4.3 TB/s, H100 SXM 3.0 TB/s, copies measured on this workplace's
-machines; another GPU: a device-to-device copy measured now) or the FLOPs over its dense rate (H100/H200
-SXM: FP32 67, TF32 494, BF16 989 TFLOP/s), whichever is larger; the queue is rotated over several
-copies so that it is not served from L2 (fused reads the copy half a rotation away from the one eager
-just read). On a GPU the run ends with one table of fused against eager for fp32 (TF32 off: the
-kernel's FFMA path), TF32 and bf16 at N = 256 and 4096 (C = 128, K = 65536): the data for moco.py's
---fused auto rule (take the fused op only where it wins).
-Targets: CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256 and within 3x of the floor.
+Loss: forward + backward of the mean loss over the batch, q requiring grad. eager = moco.py's infonce_loss, as
+MoCo.training_loss calls it (einsum pos, einsum neg against the live queue, cat, /T, cross-entropy; no clone of the
+queue, and n_beat counted); fused = moco_ext.infonce_loss. Enqueue: moco.py's enqueue (index_copy_ at
+(ptr + arange(N)) % K, the pointer on the device) vs moco_ext.enqueue_. Times are medians; eager and fused take
+turns, call by call. "extra peak" is the memory one step needs beyond its inputs: on CUDA from the caching
+allocator, on CPU the rise in peak RSS of a fresh subprocess. GPU rows also print the roofline floor: the bytes over
+this GPU's memory bandwidth (by its name: H200 4.3 TB/s, H100 SXM 3.0 TB/s, copies measured on this workplace's
+machines; another GPU: a device-to-device copy measured now) or the FLOPs over its dense rate (H100/H200 SXM: FP32
+67, TF32 494, BF16 989 TFLOP/s), whichever is larger; the queue is rotated over several copies so that it is not
+served from L2 (fused reads the copy half a rotation away from the one eager just read). Each row also says what
+moco.py --fused auto chooses at its shapes (moco.time_infonce: the loss and the enqueue of N keys, timed as a run
+times them at start-up). On a GPU the run ends with one table of fused against eager for fp32 (TF32 off: the
+kernel's FFMA path), TF32 and bf16 at N = 256 and 4096 with K = 65536 (v1/v2), and N = 256 and 512 with K = 4096
+(the small and cifar presets), C = 128. moco.py computes the InfoNCE in float32 (also under --amp, with TF32 on a
+GPU): its rows are fp32 and TF32; bf16 is the kernel's own.
+Targets: CPU fused >= 1.5x eager at (256, 128, 16384); H200 >= 5x at N=256, K=65536 and within 3x of the floor.
 """
 import argparse
 import os
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python tests/bench_infonce.py` from the repository root finds moco_ext
     sys.path.insert(0, ROOT)
+import moco  # noqa: E402
 import moco_ext  # noqa: E402
 
 T = 0.07  # MoCo's temperature
@@ -68,10 +70,7 @@ def make_inputs(N, C, K, device, dtype, copies=1):
 
 
 def eager_step(q, k, queue):
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-    l_neg = torch.einsum("nc,ck->nk", q, queue.clone().detach())  # (N, K)
-    logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
-    loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    loss = moco.infonce_loss(q, k, queue.detach(), T)[0].mean()  # as MoCo.training_loss, fused=None
     loss.backward()
     return loss.detach()
 
@@ -82,10 +81,12 @@ def fused_step(q, k, queue):
     return loss.detach()
 
 
-def eager_enqueue(queue, ptr, keys):
-    idx = (ptr + torch.arange(len(keys), device=keys.device)) % queue.shape[1]  # (N,)
-    queue.index_copy_(1, idx, keys.t())
-    ptr.copy_((ptr + len(keys)) % queue.shape[1])
+def auto_choice(N, C, K, device, mode):
+    """What moco.py --fused auto takes at these shapes: moco.time_infonce with the enqueue of N keys."""
+    if mode == "bf16":
+        return "-"  # moco.py computes the InfoNCE in float32
+    eager, fused = moco.time_infonce(moco_ext, N, C, K, T, N, torch.device(device))
+    return "fused" if fused < eager else "eager"
 
 
 def timeit(fns, device, repeat, warmup=3):
@@ -154,7 +155,8 @@ def bench_loss(N, C, K, device, mode, repeat, roof=None):
             f" | fused {res['fused'] * 1e3:8.3f} ms | speedup {res['eager'] / res['fused']:5.2f}x"
             f" | extra peak MB eager {res['eager_mb']:7.1f}, fused {res['fused_mb']:6.1f}"
             f" | |dloss| {err:.1e}")
-    res.update(N=N, C=C, K=K, mode=mode, err=err, floor=None)
+    res.update(N=N, C=C, K=K, mode=mode, err=err, floor=None, auto=auto_choice(N, C, K, device, mode))
+    line += f" | --fused auto: {res['auto']}"
     if roof is not None:
         bw, peak, _ = roof
         bytes_ = (C * K + 4 * N * C) * dtype.itemsize + 2 * N * C * 4
@@ -168,19 +170,19 @@ def print_table(rows, where):
     """The rows of bench_loss as one table: which path is faster, per size and precision."""
     print(f"\nfused vs eager, InfoNCE loss forward + backward, median ms ({where}):")
     print(f"{'N':>5s} {'C':>4s} {'K':>6s} {'mode':>4s} {'eager ms':>9s} {'fused ms':>9s} {'eager/fused':>11s} "
-          f"{'floor us':>9s} {'fused/floor':>11s}  faster")
+          f"{'floor us':>9s} {'fused/floor':>11s}  faster  --fused auto")
     for r in rows:
         floor = (f"{r['floor'] * 1e6:9.1f} {r['fused'] / r['floor']:10.1f}x" if r["floor"]
                  else f"{'-':>9s} {'-':>11s}")
         print(f"{r['N']:5d} {r['C']:4d} {r['K']:6d} {r['mode']:>4s} {r['eager'] * 1e3:9.3f} {r['fused'] * 1e3:9.3f} "
-              f"{r['eager'] / r['fused']:10.2f}x {floor}  {'fused' if r['fused'] < r['eager'] else 'eager'}",
-              flush=True)
+              f"{r['eager'] / r['fused']:10.2f}x {floor}  {'fused' if r['fused'] < r['eager'] else 'eager':6s}  "
+              f"{r['auto']}", flush=True)
 
 
 def bench_enqueue(N, C, K, device, repeat):
     _, keys, (queue,) = make_inputs(N, C, K, device, torch.float32)
     ptr = torch.zeros(1, dtype=torch.long, device=device)
-    t_e, t_f = timeit([lambda i: eager_enqueue(queue, ptr, keys),
+    t_e, t_f = timeit([lambda i: moco.enqueue(queue, ptr, keys),
                        lambda i: moco_ext.enqueue_(queue, ptr, keys)], device, repeat)
     print(f"enqueue_     fp32 N={N:<5d} C={C} K={K:<6d} eager {t_e * 1e3:8.3f} ms"
           f" | fused {t_f * 1e3:8.3f} ms | speedup {t_e / t_f:5.2f}x", flush=True)
@@ -202,19 +204,21 @@ def main():
         devices = ["cuda"]
     print(f"moco_ext benchmark: torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
           f"GPU {torch.cuda.get_device_name() if 'cuda' in devices else 'none'}, T={T}")
-    C, K_cpu, K_gpu, sizes = (32, 2048, 4096, (64, 256)) if args.quick else (128, 16384, 65536, (256, 4096))
+    # (N, K): v1/v2's K 65536 at their batch 256 and a large one; the small and cifar presets' K 4096 at 256 and 512
+    C, cpu, gpu = (32, (64, 2048), [(64, 4096), (128, 1024)]) if args.quick else \
+        (128, (256, 16384), [(256, 65536), (4096, 65536), (256, 4096), (512, 4096)])
     for device in devices:
         if device == "cpu":
-            rows = [bench_loss(sizes[0], C, K_cpu, "cpu", "fp32", args.repeat)]
-            bench_enqueue(sizes[0], C, K_cpu, "cpu", args.repeat)
+            rows = [bench_loss(cpu[0], C, cpu[1], "cpu", "fp32", args.repeat)]
+            bench_enqueue(cpu[0], C, cpu[1], "cpu", args.repeat)
             print_table(rows, f"CPU, {torch.get_num_threads()} threads")
         else:
             roof = gpu_roofline()
             rows = []
-            for N in sizes:
+            for N, K in gpu:
                 for mode in ("fp32", "tf32", "bf16"):
-                    rows.append(bench_loss(N, C, K_gpu, "cuda", mode, args.repeat, roof))
-                bench_enqueue(N, C, K_gpu, "cuda", args.repeat)
+                    rows.append(bench_loss(N, C, K, "cuda", mode, args.repeat, roof))
+                bench_enqueue(N, C, K, "cuda", args.repeat)
             torch.backends.cuda.matmul.allow_tf32 = False
             print_table(rows, f"{roof[2]}; fp32 = TF32 off, eager cuBLAS fp32 against the kernel's FFMA path")
 

@@ -1,8 +1,10 @@
 import contextlib
 import io
 import os
+import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,13 +13,50 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow, which `python -m pytest "
+                                                             "-q tests` leaves out (`-m slow`: only those)")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run of a script or of torchrun (10-70 s each on 2 cores); "
-                                       "`pytest -m 'not slow'` is the quick subset")
+    config.addinivalue_line("markers", "slow: a process-level, fault, torchrun or experiment test (10-70 s each on 2 "
+                                       "cores); left out unless --runslow or a -m expression is given")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README's command leaves the slow tests out (the pytest convention: --runslow runs them too); a -m
+    expression (`-m slow`, `-m "not slow"`) chooses for itself."""
+    if config.getoption("--runslow") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.stash[SLOW_LEFT_OUT] = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.stash.get(SLOW_LEFT_OUT, 0)
+    if n:
+        terminalreporter.write_line(f"{n} slow tests left out (process-level, fault, torchrun and experiment tests): "
+                                    "run them with `python -m pytest -q -m slow tests`, everything with --runslow")
+
+
+SLOW_LEFT_OUT = pytest.StashKey[int]()
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def rng(request):
+    """A random.Random for a test's random choices (the step a signal arrives at, the worker it goes to), seeded
+    from TEST_SEED if set, else from the clock. The seed is printed (pytest shows it beside a failure), so that
+    `TEST_SEED=N python -m pytest ...` repeats the failing draw."""
+    seed = int(os.environ.get("TEST_SEED") or time.time_ns() % 2**32)
+    print(f"{request.node.name}: random choices from seed {seed} (TEST_SEED={seed} repeats them)")
+    return random.Random(seed)
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +114,48 @@ def in_process(main, *argv, check=False):
     if check and code != 0:
         raise AssertionError(f"{argv} exited {code}:\n{out.getvalue()[-2000:]}\n{err.getvalue()[-3000:]}")
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def layout(t):
+    """A 4-D tensor's memory order: "channels_last", "contiguous", "either" (one channel or one pixel: both at
+    once) or "other"."""
+    cl, plain = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
+    return "either" if cl and plain else "channels_last" if cl else "contiguous" if plain else "other"
+
+
+class Inside:
+    """What a run did inside its training steps, seen from there (never read from its log): for every call of an
+    nn.Conv2d in training mode (not dim.py's shape probe, not the kNN monitor) its output's dtype and its input's
+    and weight's memory order (a global forward hook), and the calls of the functions given to count()."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.convs, self.calls = monkeypatch, [], {}
+
+    def hook(self, mod, inputs, output):
+        if isinstance(mod, torch.nn.Conv2d) and mod.training:
+            self.convs.append((output.dtype, layout(inputs[0]), layout(mod.weight)))
+
+    def count(self, owner, name, label=None):
+        """Count the calls of owner.NAME (a module's function, looked up at each call) under `label`."""
+        label, fn = label or name, getattr(owner, name)
+        self.calls[label] = 0
+
+        def counted(*a, **k):
+            self.calls[label] += 1
+            return fn(*a, **k)
+        self.monkeypatch.setattr(owner, name, counted)
+
+    def dtypes(self):
+        return {d for d, _, _ in self.convs}
+
+    def layouts(self):
+        """The memory orders of the convolutions' inputs and weights, leaving out those that are both."""
+        return {f for _, x, w in self.convs for f in (x, w)} - {"either"}
+
+
+@pytest.fixture
+def inside(monkeypatch):
+    seen = Inside(monkeypatch)
+    handle = torch.nn.modules.module.register_module_forward_hook(seen.hook)
+    yield seen
+    handle.remove()

@@ -3,7 +3,13 @@
     torchrun --nproc_per_node=2 tests/ddp_moco.py train OUT moco.py-flags...   -> OUT/rank{r}.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py logits OUT                   -> OUT/logits.pt
     torchrun --nproc_per_node=2 tests/ddp_moco.py dim OUT dim.py-flags...      -> OUT/rank{r}.pt
+    torchrun --nproc_per_node=2 tests/ddp_moco.py fused OUT moco.py-flags...   -> OUT/fused_rank{r}.json
+    torchrun --nproc_per_node=2 tests/ddp_moco.py observe OUT SCRIPT flags...  -> OUT/observed_rank{r}.json
 train and dim also write OUT/extract_rank{r}.json: the number of images rank r encoded in each call of extract().
+fused: --fused auto where each rank's timing would choose differently (rank 0: the fused op is faster, rank 1: the
+eager path); the JSON says how often the rank measured and called the fused op, and whether its model holds it.
+observe: SCRIPT's main (moco or dim) with OUT as --out, seen inside each rank's steps (conftest.Inside's hook): the
+dtypes of the convolutions' outputs, the memory orders of their inputs and weights, the calls of moco_ext's loss.
 """
 import json
 import os
@@ -40,7 +46,37 @@ def small_moco(bn_splits):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
-    if mode in ("train", "dim"):
+    if mode == "observe":
+        import types
+        import conftest
+        import dim
+        inside = conftest.Inside(types.SimpleNamespace(setattr=setattr))
+        torch.nn.modules.module.register_module_forward_hook(inside.hook)
+        ext = moco.load_fused("on", torch.device("cpu"))
+        inside.count(ext, "infonce_loss", "fused loss")
+        script = {"moco": moco, "dim": dim}[sys.argv[3]]
+        script.main(sys.argv[4:] + ["--out", out])
+        with open(os.path.join(out, f"observed_rank{rank}.json"), "w") as f:
+            json.dump({"dtypes": sorted(str(d) for d in inside.dtypes()), "layouts": sorted(inside.layouts()),
+                       **inside.calls}, f)
+    elif mode == "fused":
+        calls = {"measured": 0, "fused loss": 0}
+
+        def timed(*a, **k):  # (eager, fused) seconds
+            calls["measured"] += 1
+            return (2.0, 1.0) if rank == 0 else (1.0, 2.0)
+        moco.time_infonce = timed
+        ext = moco.load_fused("on", torch.device("cpu"))
+        loss = ext.infonce_loss
+
+        def counted(*a, **k):
+            calls["fused loss"] += 1
+            return loss(*a, **k)
+        ext.infonce_loss = counted
+        model = moco.train(sys.argv[3:] + ["--out", out])
+        with open(os.path.join(out, f"fused_rank{rank}.json"), "w") as f:
+            json.dump({**calls, "holds the op": model.fused is not None}, f)
+    elif mode in ("train", "dim"):
         import dim
         counts = []  # images this rank encoded in each feature extraction (the kNN monitor's bank and test set)
         for script in (moco, dim):

@@ -1,9 +1,11 @@
 """The benchmark and check scripts are code too: each runs here at a toy size as a subprocess from the repository
 root, exactly as the README and tests/gpu_check.sh call them, and must print the lines it promises. The three
 stages of tests/gpu_check.sh run as dry runs (GPU_CHECK_DRY=1: CUDA steps skipped, CPU parts at toy sizes) and as
-plans of the GPU run (GPU_CHECK_PLAN=1: every command checked, none run), so that only a GPU can make them fail;
-stage 1's dry run is check_kernels.py's CPU run, stage 3's the toy runs of bench_infonce.py, bench_train.py and
-bench_e2e.py. Also here: the FLOP count of bench_train.py with dim.py's gradient penalty, against a hand count."""
+plans of the GPU run (GPU_CHECK_PLAN=1: every command checked, none run, the limits within each stage's deadline),
+so that only a GPU can make them fail; stage 1's dry run is check_kernels.py's CPU run and bench_infonce.py --quick,
+stage 3's a toy run of bench_e2e.py; the stage's failures without a GPU it requires, at a failed build, and the stale
+build lock it removes. Also here: bench_train.py --tiny, and its FLOP count of dim.py's step with the gradient
+penalty against a hand count."""
 import os
 import re
 import subprocess
@@ -37,15 +39,16 @@ def script(*argv, timeout=300):
                           timeout=timeout)
 
 
-def gpu_check(stage, tmp_path, timeout=400, mode="GPU_CHECK_DRY"):
+def gpu_check(stage, tmp_path, timeout=600, mode="GPU_CHECK_DRY", **extra):
     """`bash tests/gpu_check.sh STAGE` as a dry run (or a plan) -> (CompletedProcess, {file name: text} of $OUT)."""
     out = tmp_path / "out"
     p = subprocess.run(["bash", "tests/gpu_check.sh", str(stage)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=env(**{mode: "1"}, OUT=str(out), PYTHON=sys.executable,
-                                                GPU_CHECK_TMP=str(tmp_path / "runs")))
+                       timeout=timeout, env=env(**{**({mode: "1"} if mode else {}), "OUT": str(out),
+                                                   "PYTHON": sys.executable, "GPU_CHECK_TMP": str(tmp_path / "runs"),
+                                                   **extra}))
     files = sorted(os.listdir(out))
     assert all(os.path.isfile(out / f) and re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
-    assert len(files) <= 7, files  # the device tool brings back 8 files per call
+    assert len(files) <= 6, files  # the device tool brings back 8 files per call
     return p, {f: (out / f).read_text() for f in files}
 
 
@@ -54,23 +57,29 @@ def test_gpu_check_usage():
     assert p.returncode == 2 and "usage: OUT=DIR bash tests/gpu_check.sh 1|2|3" in p.stderr
 
 
-@pytest.mark.parametrize("stage,steps", [
-    (1, ["build", "kernels", "cuda_tests", "memcheck", "racecheck"]),
-    (2, ["build", "flags", "fused", "moco_amp", "moco_amp_compile", "dim_amp", "torchrun", "torchrun_bn_sync",
-         "eval_linear", "gpu_aug_tests"]),
-    (3, ["build", "infonce", "train", "memory", "e2e_amp", "e2e_amp_compile"])])
-def test_gpu_check_plan(tmp_path, stage, steps):
-    """GPU_CHECK_PLAN=1: the commands of the GPU run, in order, each valid bash (bash -n); none runs. Stage 2's
-    moco.py, dim.py and eval_linear.py flags at the GPU sizes parse with the scripts' own parsers."""
+STAGES = {1: ("kernels", ["build", "kernels", "infonce", "cuda_tests", "memcheck", "racecheck"]),
+          2: ("scripts", ["build", "flags", "fused", "moco_amp", "eval_linear", "torchrun", "dim_amp"]),
+          3: ("benchmarks", ["build", "moco_amp_compile", "torchrun_bn_sync", "gpu_aug_tests", "memory",
+                            "e2e_amp"])}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gpu_check_plan(tmp_path, stage):
+    """GPU_CHECK_PLAN=1: the commands of the GPU run, in order, each valid bash (bash -n), none run; the steps'
+    limits add up to at most the stage's 300 s (no step is cut by the deadline); the closing verdict line. Stage
+    2's and 3's moco.py, dim.py and eval_linear.py flags at the GPU sizes parse with the scripts' own parsers."""
     import dim
     import eval_linear
     import moco
+    name, steps = STAGES[stage]
     p, files = gpu_check(stage, tmp_path, timeout=60, mode="GPU_CHECK_PLAN")
-    check(p, rf"gpu_check stage {stage}: 0 step\(s\) failed")
-    assert re.findall(r"^\[(\w+)\] planned$", files[f"s{stage}_summary.txt"], re.M) == steps
-    if stage == 2:
-        lines = (tmp_path / "runs" / "s2" / "argv.txt").read_text().splitlines()
-        assert len(lines) == 7 and not any("--device cpu" in line for line in lines)
+    check(p, rf"gpu_check stage {stage}: 0 step\(s\) failed", rf"^{name}: PASS$")
+    planned = re.findall(r"^\[(\w+)\] planned \(limit (\d+) s\)$", files[f"s{stage}_summary.txt"], re.M)
+    assert [s for s, _ in planned] == steps
+    assert sum(int(t) for _, t in planned) <= 300 and "deadline in 300 s" in p.stdout, planned
+    if stage in (2, 3):
+        lines = (tmp_path / "runs" / f"s{stage}" / "argv.txt").read_text().splitlines()
+        assert len(lines) == (5 if stage == 2 else 2) and not any("--device cpu" in line for line in lines)
         for line in lines:
             name, flags = line.split("\t")
             parse = {"moco.py": moco.parse_args, "dim.py": dim.parse_args, "eval_linear.py": eval_linear.parse_args}
@@ -78,44 +87,96 @@ def test_gpu_check_plan(tmp_path, stage, steps):
 
 
 def test_gpu_check_stage1_dry_run(tmp_path):
-    """Stage 1 without a GPU: moco_ext loads, check_kernels.py passes on the CPU kernels, the CUDA steps skip."""
+    """Stage 1 without a GPU: moco_ext loads, check_kernels.py passes on the CPU kernels, bench_infonce.py --quick
+    prints its rows and table with what --fused auto takes, the CUDA steps skip."""
     p, files = gpu_check(1, tmp_path)
     check(p, r"^\[cuda_tests\] skipped: no CUDA GPU$", r"^\[memcheck\] skipped: no CUDA GPU$",
-          r"^\[racecheck\] skipped: no CUDA GPU$", r"gpu_check stage 1: 0 step\(s\) failed")
-    assert set(files) == {"s1_build.txt", "s1_kernels.txt", "s1_tests.txt", "s1_sanitizer.txt", "s1_summary.txt"}
+          r"^\[racecheck\] skipped: no CUDA GPU$", r"gpu_check stage 1: 0 step\(s\) failed", r"^kernels: PASS$")
+    assert set(files) == {"s1_build.txt", "s1_kernels.txt", "s1_infonce.txt", "s1_tests.txt", "s1_sanitizer.txt",
+                          "s1_summary.txt"}
     assert re.search(r"moco_ext loaded in \d+ s: HAS_CUDA (True|False)", files["s1_build.txt"])
     kernels = files["s1_kernels.txt"]
     assert len(re.findall(r"^loss  fp(32|64) .* \| PASS$", kernels, re.M)) == 8, kernels
     assert len(re.findall(r"^enqueue_ .* \| PASS$", kernels, re.M)) == 3, kernels
     assert "check_kernels: 11 cases on cpu, 0 failed" in kernels
     assert re.search(r"^\[kernels\] rc=0 in \d+ s: PASS$", files["s1_summary.txt"], re.M)
+    infonce = files["s1_infonce.txt"]
+    assert re.search(r"^loss fwd\+bwd fp32 N=64 .* speedup +\d+\.\d\dx .* \|dloss\| .* --fused auto: (fused|eager)$",
+                     infonce, re.M), infonce
+    assert re.search(r"^enqueue_ .* speedup +\d+\.\d\dx$", infonce, re.M), infonce
+    assert re.search(r"^ +64 +32 +2048 fp32 +[\d.]+ +[\d.]+ +[\d.]+x +- +- +(fused|eager) +(fused|eager)$", infonce,
+                     re.M), infonce
+
+
+def test_gpu_check_without_the_gpu_it_requires(tmp_path):
+    """GPU_CHECK_REQUIRE_GPU=1 (the documented GPU-machine commands) and no GPU: the stage fails at once (no step
+    runs) and shows the probe's own error; a python without torch likewise."""
+    p, files = gpu_check(2, tmp_path, timeout=120, mode=None, GPU_CHECK_REQUIRE_GPU="1", CUDA_VISIBLE_DEVICES="")
+    assert p.returncode == 1 and re.search(r"^probe \| torch .*: RuntimeError: ", p.stdout, re.M), p.stdout
+    assert "FAIL at once: no CUDA GPU visible" in p.stdout and p.stdout.rstrip().endswith("scripts: FAIL")
+    assert list(files) == ["s2_summary.txt"] and "[" not in files["s2_summary.txt"]  # no step ran or skipped
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    p, _ = gpu_check(1, tmp_path, timeout=60, mode=None, GPU_CHECK_REQUIRE_GPU="1", PYTHON=str(fake))
+    assert p.returncode == 1 and "probe | ModuleNotFoundError: No module named 'torch'" in p.stdout, p.stdout
+
+
+def test_gpu_check_stops_at_a_failed_build(tmp_path):
+    """A build that fails (here: a python without torch) stops the stage: every later step is skipped, not run."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    p, files = gpu_check(1, tmp_path, timeout=60, mode=None, PYTHON=str(fake))
+    summary = files["s1_summary.txt"]
+    assert p.returncode == 1 and re.search(r"^\[build\] rc=1 in \d+ s: FAIL$", summary, re.M), summary
+    assert "[kernels] skipped: the build failed" in summary and "[infonce] skipped: the build failed" in summary
+    assert summary.rstrip().endswith("kernels: FAIL")
+
+
+@slow
+def test_gpu_check_removes_a_stale_build_lock(tmp_path):
+    """A build killed by a timeout leaves torch's lock file, on which the next build waits forever where torch's lock
+    is a file whose existence blocks (torch 2.14 here holds an advisory lock on it instead, and keeps the file): in
+    the check's own extension folder (GPU_CHECK_EXT_DIR; on a GPU, by default) it is removed before the build."""
+    lock = tmp_path / "ext" / "moco_ext_jit" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("stale")
+    p, files = gpu_check(1, tmp_path, GPU_CHECK_EXT_DIR=str(tmp_path / "ext"))
+    check(p, r"^kernels: PASS$")
+    build = files["s1_build.txt"]
+    assert f"removed a stale build lock: {lock}" in build and build.index(str(lock)) < build.index("moco_ext loaded")
+    assert not lock.exists() or lock.read_text() == ""  # gone, or torch's own (empty) lock file since
 
 
 @slow
 def test_gpu_check_stage2_dry_run(tmp_path):
     """Stage 2 without a GPU: the --fused on/off comparison runs (3 CPU steps), the CUDA steps skip."""
     p, files = gpu_check(2, tmp_path)
-    check(p, r"gpu_check stage 2: 0 step\(s\) failed", *(rf"^\[{s}\] skipped: no CUDA GPU$" for s in (
-        "moco_amp", "moco_amp_compile", "dim_amp", "torchrun", "torchrun_bn_sync", "eval_linear", "gpu_aug_tests")))
+    check(p, r"gpu_check stage 2: 0 step\(s\) failed", r"^scripts: PASS$",
+          *(rf"^\[{s}\] skipped: no CUDA GPU$" for s in ("moco_amp", "eval_linear", "torchrun", "dim_amp")))
     assert re.search(r"^frozen weights \(--lr 1e-30\): steps 1-3 within 1\.0e-05: yes", files["s2_fused.txt"], re.M)
 
 
 @slow
 def test_gpu_check_stage3_dry_run(tmp_path):
-    """Stage 3 without a GPU: bench_infonce.py --quick, bench_train.py --tiny and bench_e2e.py at toy sizes."""
+    """Stage 3 without a GPU: bench_e2e.py at a toy size, the CUDA steps skip."""
     p, files = gpu_check(3, tmp_path)
-    check(p, r"gpu_check stage 3: 0 step\(s\) failed")
-    infonce, train, e2e = files["s3_infonce.txt"], files["s3_train.txt"], files["s3_e2e.txt"]
-    assert re.search(r"^loss fwd\+bwd fp32 N=64 .* speedup +\d+\.\d\dx .* \|dloss\| ", infonce, re.M), infonce
-    assert re.search(r"^enqueue_ .* speedup +\d+\.\d\dx$", infonce, re.M), infonce
-    assert re.search(r"^ +64 +32 +2048 fp32 +[\d.]+ +[\d.]+ +[\d.]+x +- +- +(fused|eager)$", infonce, re.M), infonce
+    check(p, r"gpu_check stage 3: 0 step\(s\) failed", r"^benchmarks: PASS$",
+          *(rf"^\[{s}\] skipped: no CUDA GPU$" for s in ("moco_amp_compile", "torchrun_bn_sync", "gpu_aug_tests")))
+    assert re.search(r"^200 epochs estimated: [\d.]+ min", files["s3_e2e.txt"], re.M), files["s3_e2e.txt"]
+    for text in files.values():
+        assert "Traceback" not in text
+
+
+@slow
+def test_bench_train_tiny():
+    """tests/bench_train.py --tiny: every row at toy sizes (not in the GPU check's budget; run by hand on a GPU)."""
+    train = check(script("tests/bench_train.py", "--tiny", timeout=600))
     for row in ("moco basic32 32px b16 K256", r"dim basic32 32px b4 \(dimL, vs fp32 eager\)"):
         assert re.search(rf"^{row} +[\d.]+ +[\d.]+ +[\d.]+x +[\d.]+$", train, re.M), train  # img/s, ratio, GFLOP
     assert re.search(r"^data path, 32px pairs/s .*: [\d.]+x$", train, re.M), train
     assert re.search(r"^data path, dim\.py .*: [\d.]+x$", train, re.M), train
-    assert re.search(r"^200 epochs estimated: [\d.]+ min", e2e, re.M), e2e
-    for text in files.values():
-        assert "Traceback" not in text
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "tests"))

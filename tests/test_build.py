@@ -1,6 +1,7 @@
 """How moco_ext is built and loaded, without building it: the CUDA architecture list (moco_ext/_build.py, read
 by setup.py and the just-in-time build) and MOCO_EXT_EXPECT_BUILT (CI: the pip-built library or an error)."""
 import importlib
+import re
 import sys
 
 import pytest
@@ -35,7 +36,10 @@ def test_arch_list_warns_once_and_may_leave_cpu_only(build, monkeypatch, capsys)
     flags = build.compile_flags(True, None)
     assert [f for f in flags["nvcc"] if f.startswith("-gencode")] == [
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_86,code=sm_86"]
-    assert build.compile_flags(True, None, "7.5;9.0")["nvcc"].count("-gencode=arch=compute_90,code=sm_90") == 1
+    given = build.compile_flags(True, None, "7.5;9.0")  # an explicit list is filtered like the environment's
+    assert given["nvcc"].count("-gencode=arch=compute_90,code=sm_90") == 1
+    assert not [f for f in given["nvcc"] + given["cxx"] if re.search(r"(sm|compute)_75", f)], given
+    assert "-DMOCO_EXT_CUDA_ARCHS=sm_90" in given["cxx"]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;7.5+PTX")
     assert build.cuda_arch_list() == "" and not build.with_cuda(True)  # CPU kernels only, never a failure
     assert "only the CPU kernels are built" in capsys.readouterr().err

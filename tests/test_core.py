@@ -1,7 +1,11 @@
 """The algorithm core of each script runs when copied alone into someone else's file: section 2 executed in a fresh
-namespace with only the standard imports trains a step (the README says which sections to copy for what)."""
+namespace with only the standard imports trains a step (the README says which sections to copy for what), and, read
+without running it, every name it uses is defined in the pasted sections, imported by the standard imports or a
+builtin, also on the branches a one-process test never takes (world > 1)."""
+import builtins
 import os
 import re
+import symtable
 
 import pytest
 import torch
@@ -27,6 +31,32 @@ def pasted(script, *numbers, imports=IMPORTS):
     ns = {"__name__": "pasted"}
     exec(compile(imports + "\n".join(section(script, n) for n in numbers), f"<{script} pasted>", "exec"), ns)
     return ns
+
+
+def free_names(code):
+    """The names `code` uses that neither it (at its top level: assignments, def, class, import) nor an enclosing
+    function defines: read from the symbol tables of its functions, classes, lambdas and comprehensions."""
+    top = symtable.symtable(code, "<pasted>", "exec")
+
+    def used(table, enclosing):
+        names = {s.get_name() for s in table.get_symbols() if s.is_referenced() and (
+            table is top or s.is_global() or s.is_free() and s.get_name() not in enclosing)}
+        if table.get_type() == "function":
+            enclosing = enclosing | {s.get_name() for s in table.get_symbols() if s.is_local()}
+        return names.union(*(used(child, enclosing) for child in table.get_children()))
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    return used(top, frozenset()) - defined - set(dir(builtins)) - {"__class__"}  # __class__: super()'s cell
+
+
+@pytest.mark.parametrize("script, numbers, imports", [
+    ("moco.py", (2,), IMPORTS), ("moco.py", (2, 3, 4), IMPORTS + "import torchvision\nfrom functools import partial\n"),
+    ("dim.py", (2,), IMPORTS)])
+def test_core_uses_only_its_own_names_and_the_imports(script, numbers, imports):
+    """Read, not run: every name the pasted sections use is theirs, an import's or a builtin."""
+    code = "\n".join(section(script, n) for n in numbers)
+    allowed = {s.get_name() for s in symtable.symtable(imports, "<imports>", "exec").get_symbols()}
+    assert free_names(code) - allowed == set(), f"{script} sections {numbers} use names defined elsewhere"
+    assert free_names("def f(x):\n    if x > 1:\n        return usable_cpus()\n") == {"usable_cpus"}  # the reader
 
 
 def test_section_headers_are_found():

@@ -174,6 +174,7 @@ def test_knn_monitor_is_shared_by_two_ranks(train_val_folder, tmp_path):
     assert knn[0]["knn_top1"] == moco_knn_one_process(out / "ckpt.pt", train_val_folder)
 
 
+@pytest.mark.slow
 def test_dim_knn_monitor_on_two_ranks(train_val_folder, tmp_path):
     out = tmp_path / "dim"
     log = torchrun(["dim", out, "--data", train_val_folder, "--max-steps", 3, "--epochs", 1, "--batch-size", 32,

@@ -15,10 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "ddp_moco.py")
 
 
-def torchrun(args, port):
+def torchrun(args, port, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", DRIVER]
     r = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -35,6 +35,7 @@ def ddp_run(tmp_path_factory, image_folder):
     return out, log
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_identical(ddp_run):
     """Both ranks end with the same weights, queue and pointer; the keys of both ranks were enqueued
     (pointer = 6 x global batch mod K). The queue is excluded from DDP's buffer broadcast, so equality shows
@@ -78,6 +79,7 @@ def test_killed_and_resumed_equals_uninterrupted(ddp_run, tmp_path, image_folder
         assert torch.equal(v, b["model"][k]), (k, killed_at)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_split_bn(tmp_path, monkeypatch):
     """Shuffle-BN on 2 ranks of 8 images == one process on the 16 images with --bn-splits 2, given the same
     permutation: split BN's group s is the contiguous slice 8s..8s+7, the images rank s holds and, after the
@@ -220,3 +222,20 @@ def test_dim_killed_and_resumed_equals_uninterrupted_on_two_ranks(tmp_path, imag
     for part in ("model", "prior"):
         for k, v in ca[part].items():
             assert torch.equal(v, cb[part][k]), (part, k)
+
+
+@pytest.mark.slow
+def test_fused_auto_rank_0_decides_and_the_others_follow(tmp_path, image_folder):
+    """--fused auto on 2 ranks whose timings disagree (tests/ddp_moco.py: on rank 0 the fused op times faster, on
+    rank 1 the eager path): rank 0 alone measures, both ranks call the fused op, and the checkpoint holds --fused on."""
+    import json
+    moco.load_fused("on", torch.device("cpu"))  # built (just in time where it is not installed) before the workers
+    out = str(tmp_path / "run")
+    flags = ["--data", image_folder, "--max-steps", "1", "--batch-size", "32", "--moco-k", "64", "--bn-splits", "2",
+             "--workers", "0", "--knn-every", "0", "--device", "cpu", "--fused", "auto"]
+    log = torchrun(["fused", out, *flags], port=free_port(), MOCO_EXT_JIT="1")
+    assert log.count("fused InfoNCE: 1000.000 ms against eager 2000.000 ms") == 1 and "--fused on" in log, log
+    ranks = [json.load(open(os.path.join(out, f"fused_rank{r}.json"))) for r in (0, 1)]
+    assert ranks == [{"measured": 1, "fused loss": 1, "holds the op": True},
+                     {"measured": 0, "fused loss": 1, "holds the op": True}], ranks
+    assert moco.load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]["fused"] == "on"

@@ -222,8 +222,9 @@ def test_prior_gradient_signs():
     assert all(torch.equal(a, b) for a, b in zip(before, d.parameters()))  # the encoder step leaves D alone
 
 
-def test_prior_step_runs_outside_autocast_with_its_own_scaler(monkeypatch):
-    """train_step under bf16 autocast (CPU autocast here): the encoder runs under autocast, the discriminator's
+def test_prior_step_runs_outside_autocast_with_its_own_scaler(monkeypatch, inside):
+    """train_step under bf16 autocast (CPU autocast here): the encoder runs under autocast (its convolutions give
+    bf16), the discriminator's
     loss, step and the encoder's prior loss outside it in float32, and the discriminator's loss goes through its
     own gradient scaler (the encoder's scaler sees only the encoder's loss)."""
     torch.manual_seed(0)
@@ -253,6 +254,7 @@ def test_prior_step_runs_outside_autocast_with_its_own_scaler(monkeypatch):
     args = dim.Args(gamma=0.1, estimator="jsd")
     vals = dim.train_step(model, prior, opts, (scaler, scaler_prior), torch.randn(8, 3, 32, 32), args, torch.bfloat16)
     assert seen == [("prior_d_loss", False, torch.float32), ("prior_encoder_loss", False, torch.float32)], seen
+    assert inside.dtypes() == {torch.bfloat16}, inside.dtypes()
     assert len(scaler_prior.scaled) == 1 and scaler_prior.scaled[0] is not scaler.scaled[0]
     assert torch.isclose(scaler_prior.scaled[0], vals[4]) and torch.isfinite(vals).all()
     assert all(p.grad.dtype == torch.float32 for p in prior.parameters())

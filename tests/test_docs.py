@@ -1,7 +1,9 @@
 """The docs cannot rot. In README.md, docs/*.md and csrc/README.md: every relative link and image exists (and its
 #anchor is a heading of the page it points to); every command in their shell blocks (`python SCRIPT.py ...`,
 `torchrun ... SCRIPT.py ...`, `python -m torch.distributed.run ...`, `bash SCRIPT.sh`) names a script of the
-repository and, for the six user-facing scripts, parses with that script's own argument parser (nothing runs); the
+repository and, for the six user-facing scripts, parses with that script's own argument parser and passes the checks
+its run makes before any work (moco.py's and dim.py's check_args on torchrun's number of processes, eval_linear.py's
+check_flags; nothing runs); the
 README's quick start holds the two set-up commands, and they are the ones .ci/run runs; and no page cites an issue
 number or a file outside the repository. Parsing only: well under a second after the imports."""
 import argparse
@@ -13,6 +15,7 @@ import re
 import shlex
 
 import pytest
+import torch
 import torch.distributed.run as torchrun
 
 import convert
@@ -156,18 +159,36 @@ def parse_in_main(main, argv):
     raise AssertionError("main() returned without parsing its arguments")
 
 
-PARSERS = {"moco.py": moco.parse_args, "dim.py": dim.parse_args, "eval_linear.py": eval_linear.parse_args,
-           "study.py": study.parse_args, "convert.py": lambda argv: parse_in_main(convert.main, argv),
-           "plot.py": lambda argv: parse_in_main(plot.main, argv)}
+def training_checks(script):
+    """The script's parser, then the checks its run makes before any work (check_args: the values, the number of
+    processes and the device): a GPU unless --device cpu, as the documented multi-process commands assume."""
+    def check(argv, world):
+        args = script.resolve(script.parse_args(argv)[0])
+        script.check_args(args, world, torch.device("cpu" if args.device == "cpu" else "cuda"))
+    return check
 
 
-def check_script(script, argv):
-    """'' if `script argv` is a command of this repository that parses, else why not."""
+PARSERS = {"moco.py": training_checks(moco), "dim.py": training_checks(dim),
+           "eval_linear.py": lambda argv, world: eval_linear.check_flags(eval_linear.parse_args(argv), world),
+           "study.py": lambda argv, world: study.parse_args(argv),
+           "convert.py": lambda argv, world: parse_in_main(convert.main, argv),
+           "plot.py": lambda argv, world: parse_in_main(plot.main, argv)}
+
+
+def processes(ns):
+    """The number of processes a torchrun command starts: --nproc_per_node x --nnodes (their largest values)."""
+    nproc = int(ns.nproc_per_node) if str(ns.nproc_per_node).isdigit() else 8
+    return nproc * int(str(ns.nnodes).split(":")[-1])
+
+
+def check_script(script, argv, world=1):
+    """'' if `script argv` on `world` processes is a command of this repository that parses and passes the script's
+    own checks of its values, else why not."""
     if script in PARSERS:
         err = io.StringIO()
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                PARSERS[script](argv)
+                PARSERS[script](argv, world)
         except SystemExit as e:  # --help exits 0; argparse's own errors exit 2 with the message on stderr
             return "" if e.code in (0, None) else err.getvalue().strip().splitlines()[-1:] or [f"exit {e.code}"]
         except Exception as e:  # the scripts' one-line UserError
@@ -208,7 +229,7 @@ def check_command(tokens):
         return "torchrun: " + " ".join(err.getvalue().strip().splitlines()[-1:])
     if ns.module or ns.no_python:
         return ""
-    return check_script(ns.training_script, ns.training_script_args)
+    return check_script(ns.training_script, ns.training_script_args, processes(ns))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,6 +283,15 @@ def test_the_commands_are_checked():
     assert check_command(["python", "moco.py", "--moco-k", "1e3"])
     assert check_command(["python", "dim.py", "--estimator", "mine"])
     assert check_command(["python", "study.py", "--experiment", "mechanisms"])  # --data is required
+    assert "--moco-k 64 is smaller than" in check_command(["python", "moco.py", "--moco-k", "64"])  # batch 256
+    assert "not divisible by the 3 processes" in check_command(["torchrun", "--nproc_per_node=3", "moco.py"])
+    assert "not divisible by the 6 processes" in check_command(["torchrun", "--nnodes=2", "--nproc_per_node=3",
+                                                                 "moco.py"])
+    assert "--bn sync needs GPUs" in check_command(["torchrun", "--nproc_per_node=2", "moco.py", "--bn", "sync",
+                                                    "--device", "cpu"])
+    assert check_command(["torchrun", "--nproc_per_node=2", "moco.py", "--bn", "sync"]) == ""  # on GPUs
+    assert "--lr 0.0 must be > 0" in check_command(["python", "dim.py", "--lr", "0"])
+    assert "--epochs 0 must be >= 1" in check_command(["python", "eval_linear.py", "--epochs", "0"])
     assert check_command(["python", "convert.py", "only-one-argument"])
     assert check_command(["python", "plot.py"])
     assert check_command(["torchrun", "--no-such-torchrun-flag", "moco.py"])
@@ -297,8 +327,9 @@ def test_quick_start_is_what_ci_runs():
         else:
             ok = cmd in ci
         assert ok, f"the README's quick start runs `{shlex.join(cmd)}`, which .ci/run does not"
-    assert readme[-1] == ci[-1], (f"the README's test command `{shlex.join(readme[-1])}` is not .ci/run's last "
-                                  f"command `{shlex.join(ci[-1])}`")
+    rest = ["python", "-m", "pytest", "-q", "-m", "slow", "tests"]  # the tests the README's command leaves out
+    assert ci[-2:] == [readme[-1], rest], (f"the README's test command `{shlex.join(readme[-1])}` then "
+                                           f"`{shlex.join(rest)}` are not .ci/run's last commands: {ci[-2:]}")
     assert ["pip", "install", "-r", "requirements.txt"] in readme and ["python", "moco.py"] in readme
 
 

@@ -164,6 +164,7 @@ torch.save(seen[0].state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK
 """
 
 
+@pytest.mark.slow
 def test_finetune_under_torchrun(ckpt, tmp_path):
     """Two ranks, each fine-tuning on its share of every batch: backbone + head in DDP, so that both end with the
     same encoder (weights by averaged gradients, BN statistics broadcast from rank 0), which moved; one JSON."""

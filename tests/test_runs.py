@@ -4,7 +4,6 @@ own process (or to torchrun and its workers), then --resume auto, then every ten
 an uninterrupted run. Every side runs with one thread (as torchrun's workers), so that the arithmetic is the same."""
 import json
 import os
-import random
 import resource
 import signal
 import subprocess
@@ -94,14 +93,15 @@ def children(pid):
 @pytest.mark.slow
 @pytest.mark.parametrize("script, flags, sig", [(moco, MOCO, signal.SIGTERM), (dim, DIM, signal.SIGUSR1)],
                          ids=["moco-TERM", "dim-USR1"])
-def test_signal_saves_and_the_resumed_run_equals_a_straight_one(script, flags, sig, tmp_path, image_folder):
+def test_signal_saves_and_the_resumed_run_equals_a_straight_one(script, flags, sig, tmp_path, image_folder, rng):
     """SIGTERM / SIGUSR1 at a random step: the run finishes that step, writes its checkpoint, says so in one line
     and exits 75; --resume auto then ends with exactly the tensors of an uninterrupted run."""
     name = script.__name__ + ".py"
     argv = [name, "--data", image_folder, "--max-steps", "10"] + flags
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     one_thread(script.main, *argv[1:], "--out", straight)
-    at = random.Random().randint(2, 6)
+    at = rng.randint(2, 6)
+    print(f"the signal after step {at}")
     p = subprocess.Popen([sys.executable] + argv + ["--out", stopped], cwd=ROOT, env=ENV, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     signal_at(p, stopped, at, sig=sig)
@@ -132,6 +132,7 @@ def test_signal_during_the_knn_monitor_and_during_a_checkpoint_write(tmp_path, i
     monkeypatch.setattr(moco, "save_checkpoint", save_signalled)
     r = one_thread(moco.main, *argv, "--save-every", "2", "--out", tmp_path / "a", check=False)
     assert r.returncode == moco.PREEMPTED and "stopped by SIGTERM after step 3" in r.stdout, r.stdout + r.stderr
+    assert moco.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["step"] == 3  # the stop's own checkpoint
     monkeypatch.setattr(moco, "save_checkpoint", save)
 
     def knn_signalled(*a, **k):
@@ -140,6 +141,7 @@ def test_signal_during_the_knn_monitor_and_during_a_checkpoint_write(tmp_path, i
     monkeypatch.setattr(moco, "knn_accuracy", knn_signalled)
     r = one_thread(moco.main, *argv, "--out", tmp_path / "b", check=False)
     assert r.returncode == moco.PREEMPTED and "during the kNN monitor after step 6" in r.stderr, r.stdout + r.stderr
+    assert moco.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 6  # the epoch's, written before the pass
     monkeypatch.undo()
     for run in ("a", "b"):
         one_thread(moco.main, *argv, "--out", tmp_path / run, "--resume", "auto")
@@ -170,14 +172,15 @@ def straight_two(tmp_path_factory, image_folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["torchrun", "one worker"])
-def test_signal_under_torchrun(target, straight_two, tmp_path, image_folder):
+def test_signal_under_torchrun(target, straight_two, tmp_path, image_folder, rng):
     """SIGTERM to torchrun (which passes it to its workers) or to one worker alone: every rank stops at the same
     step, rank 0 writes the checkpoint, all exit (0: torchrun would restart workers that exit otherwise) and
     OUT/status says stopped; --resume auto then ends with the uninterrupted run's tensors."""
     out, flags = str(tmp_path / "run"), ["--data", image_folder, "--max-steps", "10", *MOCO]
     p = torchrun(["--standalone", "--nproc_per_node=2"], flags, out)
-    at = random.Random().randint(2, 6)
-    signal_at(p, out, at, None if target == "torchrun" else lambda: random.choice(children(p.pid)))
+    at = rng.randint(2, 6)
+    print(f"the signal after step {at}")
+    signal_at(p, out, at, None if target == "torchrun" else lambda: rng.choice(children(p.pid)))
     # torchrun signalled ends with its own status; with only a worker signalled it sees its workers exit 0
     log = finish(p, ok=(1, -signal.SIGTERM, 128 + signal.SIGTERM) if target == "torchrun" else (0,))
     assert log.count("stopped by") == 1, log[-3000:]
@@ -190,7 +193,7 @@ def test_signal_under_torchrun(target, straight_two, tmp_path, image_folder):
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker(straight_two, tmp_path, image_folder):
+def test_torchrun_restarts_a_killed_worker(straight_two, tmp_path, image_folder, rng):
     """docs/distributed.md's restart command: one worker killed with SIGKILL after a checkpoint; torchrun restarts both, they
     resume from the checkpoint and the job ends with the uninterrupted run's tensors."""
     out = str(tmp_path / "run")
@@ -201,7 +204,7 @@ def test_torchrun_restarts_a_killed_worker(straight_two, tmp_path, image_folder)
             os.path.join(out, "ckpt.pt"))["step"] >= 2):
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.01)
-    os.kill(random.choice(children(p.pid)), signal.SIGKILL)
+    os.kill(rng.choice(children(p.pid)), signal.SIGKILL)
     log = finish(p)
     assert "resumed from" in log and "done: 10 steps" in log, log[-3000:]
     assert_same_run(straight_two, os.path.join(out, "ckpt.pt"))
@@ -355,14 +358,15 @@ def pretrained(tmp_path_factory, image_folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--aug", "crop", "--probe", "mlp"], ["--finetune", "--aug", "none"]],
                          ids=["crop-probe", "finetune"])
-def test_eval_linear_stops_and_resumes_exactly(mode, pretrained, tmp_path):
+def test_eval_linear_stops_and_resumes_exactly(mode, pretrained, tmp_path, rng):
     """SIGTERM during the probe's training (at a random epoch, mid-epoch): the current step ends, OUT's .pt is
     written, exit 75; --resume auto ends with the tensors and the numbers of an uninterrupted run."""
     import eval_linear
     argv = ["--pretrained", pretrained, "--epochs", "6", "--batch-size", "16", "--workers", "0", "--device", "cpu",
             *mode]
     one_thread(eval_linear.main, *argv, "--out", tmp_path / "straight.json")
-    at = random.Random().randint(1, 3)
+    at = rng.randint(1, 3)
+    print(f"the signal in probe epoch {at}")
     p = subprocess.Popen([sys.executable, "eval_linear.py", *argv, "--out", str(tmp_path / "stopped.json")],
                          cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in p.stdout:

@@ -285,6 +285,7 @@ def fake_rows(path, runs, probes, **row):
                                         top1=50.0, **row)) + "\n")
 
 
+@pytest.mark.slow
 def test_mechanisms_step_budget_end_to_end(tmp_path):
     """--per-run steps on 1,200 images, K 128 and 256, 2 steps per run: at --epochs 0.5 the runs of batch 256 get 2
     steps from the image budget too, so their (here made-up) results are reused and only end-to-end at K 128 (4
@@ -312,6 +313,7 @@ def test_mechanisms_step_budget_end_to_end(tmp_path):
     assert not (out / "results-mechanisms.png").exists()
 
 
+@pytest.mark.slow
 def test_dim_estimators_step_budget_end_to_end(tmp_path, monkeypatch):
     """--per-run steps for dim-estimators on 1,200 images, batches 16 and 64, 2 steps per run, resumed: batch 64's
     runs are the image budget's at --dim-epochs 0.1 and JSD's and infoNCE's dimL-EST-B16-s2 are done (made-up
