@@ -1527,7 +1527,7 @@ class Run:
             elif metrics:
                 append_line(self.files["metrics.jsonl"], json.dumps(metrics))
             for k, v in metrics.items() if self.tb is not None else ():
-                if k != "step":
+                if k != "step" and isinstance(v, (int, float)):  # (not --fused auto's choice, a word)
                     self.tb.add_scalar(k, v, metrics["step"])
 
     def data(self):

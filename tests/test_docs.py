@@ -291,7 +291,8 @@ def test_the_commands_are_checked():
                                                     "--device", "cpu"])
     assert check_command(["torchrun", "--nproc_per_node=2", "moco.py", "--bn", "sync"]) == ""  # on GPUs
     assert "--lr 0.0 must be > 0" in check_command(["python", "dim.py", "--lr", "0"])
-    assert "--epochs 0 must be >= 1" in check_command(["python", "eval_linear.py", "--epochs", "0"])
+    assert "--epochs 0 must be >= 1" in check_command(["python", "eval_linear.py", "--pretrained", "a.pt", "--epochs",
+                                                       "0"])
     assert check_command(["python", "convert.py", "only-one-argument"])
     assert check_command(["python", "plot.py"])
     assert check_command(["torchrun", "--no-such-torchrun-flag", "moco.py"])

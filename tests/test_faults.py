@@ -36,15 +36,17 @@ slow = pytest.mark.slow
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-def spawn(cmd, env=None):
-    """A command as a process of its own session, so that a hung one can be killed whole."""
+def spawn(cmd, env=None, ctrl_c=False):
+    """A command as a process of its own session, so that a hung one can be killed whole. ctrl_c: SIGINT as a
+    terminal delivers it (a shell running the suite in the background passes SIGINT on ignored)."""
     return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env or ENV, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if ctrl_c else None)
 
 
-def start(*argv, env=None):
+def start(*argv, env=None, ctrl_c=False):
     """python ARGV: a script, or -m torch.distributed.run."""
-    return spawn([sys.executable, *argv], env)
+    return spawn([sys.executable, *argv], env, ctrl_c)
 
 
 def finish(p, timeout=120):
@@ -631,7 +633,7 @@ def test_ctrl_c_during_a_checkpoint_write(tmp_path, image_folder):
     checkpoint or none, never half of one."""
     out = tmp_path / "run"
     p = start("moco.py", "--data", image_folder, "--out", out, "--epochs", 50, "--save-every", 1,
-              *MOCO[:MOCO.index("--moco-k")], "--moco-k", 65536, *MOCO[MOCO.index("--moco-k") + 2:])
+              *MOCO[:MOCO.index("--moco-k")], "--moco-k", 65536, *MOCO[MOCO.index("--moco-k") + 2:], ctrl_c=True)
     wait_for_step(p, out, 2)
     deadline = time.time() + 120
     while not [f for f in os.listdir(out) if f.startswith("ckpt.pt.tmp.")]:
