@@ -642,7 +642,7 @@ def main(argv=None, body=None, oom="lower --batch-size (and --lr with it), or ad
     STOP.update({"signal": None, "raise": None, "kept": "nothing was written", "status": None, "lock": None, "old": {}})
     try:
         return (body or train)(argv)
-    except (Exception, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt, Preempted) as e:
         code, msg = ending(e, oom)
         if msg:
             print(msg, file=sys.stderr, flush=True)
@@ -1121,8 +1121,9 @@ class UserError(Exception):
     """An error the user can fix; main() prints it as one line."""
 
 
-class Preempted(Exception):
-    """A stop signal ended the run after its checkpoint was written; main() exits with PREEMPTED."""
+class Preempted(BaseException):
+    """A stop signal ended the run after its checkpoint was written; main() exits with PREEMPTED. Raised by the
+    signal handler wherever the code is, so, as KeyboardInterrupt, not an Exception: no `except Exception` eats it."""
 
 
 # the stop signal received; the message to raise at once outside the steps (start-up, kNN monitor); what a failure
@@ -1148,10 +1149,12 @@ class StopOnSignals:
     the same answer one step later, with no wait on the hot path."""
 
     def __init__(self, world=1, group=None):
-        self.world, self.group, self.pending, self.now = world, group, None, False
+        self.world, self.group, self.pending, self.now, self.before = world, group, None, False, None
 
     def __enter__(self):
-        STOP["raise"] = None
+        if STOP["signal"] is not None and STOP["raise"] is not None:  # caught during start-up: no step runs
+            raise Preempted(STOP["raise"])
+        self.before, STOP["raise"] = STOP["raise"], None  # (one process: also while the first batch is awaited)
         return self
 
     def __exit__(self, *exc):
@@ -1720,7 +1723,9 @@ class Run:
         while pos < per_epoch and step < total and not stop.now:
             t0 = time.perf_counter()
             batch, idx = next(it)
-            wait += time.perf_counter() - t0
+            if stop.before is not None and STOP["signal"] is not None and self.world == 1:  # no step has run
+                raise Preempted(stop.before)
+            stop.before, wait = None, wait + time.perf_counter() - t0
             vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
             step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
             if self.pending is not None:  # the step after a checkpoint: its loss decides whether it is kept

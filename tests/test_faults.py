@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import dim
 import moco
 from conftest import in_process
 from test_study import small_idx_folder
@@ -584,6 +585,69 @@ def test_a_signal_before_the_first_step_ends_the_run(tmp_path, image_folder):
     r = finish(p)
     one_line(r, moco.PREEMPTED, "stopped by a signal before the first step")
     assert not os.path.exists(out / "ckpt.pt") and open(out / "status").read().startswith("stopped")
+
+
+@pytest.mark.parametrize("script", ["moco", "dim"])
+def test_a_signal_in_start_up_code_that_catches_errors_still_ends_the_run(tmp_path, image_folder, monkeypatch,
+                                                                           script):
+    """A stop signal that lands inside start-up code with an `except Exception` (here moco.py's extension probe, which
+    turns any error into "not available"; dim.py: loading the data, wrapped in one) is not taken for that code's error: the run
+    ends before its first step, exit 75, one line, no checkpoint. In this process: the signal is sent from inside
+    that code."""
+    mod = {"moco": moco, "dim": dim}[script]
+    def signalled(*a, **k):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(1)  # the handler runs before this returns
+        raise AssertionError("the signal did not stop the run")
+    if script == "moco":  # --fused auto imports moco_ext and asks it whether it can run here
+        fake = type(sys)("moco_ext")
+        fake.unusable_reason = signalled
+        monkeypatch.setitem(sys.modules, "moco_ext", fake)
+        flags = [*MOCO, "--fused", "auto"]
+    else:  # any start-up code: the data set's loading
+        real = dim.load_data
+        monkeypatch.setattr(dim, "load_data", lambda *a, **k: (guarded(signalled), real(*a, **k))[1])
+        flags = DIM
+    r = in_process(mod.main, "--data", image_folder, "--out", tmp_path / "run", "--max-steps", 3, *flags,
+                   "--workers", 0)
+    assert r.returncode == mod.PREEMPTED and "stopped by a signal before the first step" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_signal_while_the_first_batch_is_awaited_runs_no_step(tmp_path, image_folder, monkeypatch, resume):
+    """One process: a stop signal that arrives while the loader prepares the first batch (its workers starting: the
+    longest wait of a start-up) ends the run before any step, exit 75, one line; a resumed run's checkpoint stays as
+    it was. In this process: the signal is sent from inside the loader's first next()."""
+    out, argv = tmp_path / "run", ["--data", image_folder, "--out", tmp_path / "run", *MOCO[:-2], "--workers", 0]
+    if resume:
+        in_process(moco.main, *argv, "--max-steps", 2, check=True)
+        before = snapshot(out)
+    real = moco.Run.batches
+
+    def batches(self, epoch):
+        it = real(self, epoch)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        yield next(it)
+        raise AssertionError("a step ran after the signal")
+    monkeypatch.setattr(moco.Run, "batches", batches)
+    r = in_process(moco.main, *argv, "--max-steps", 4, *(["--resume", "auto"] if resume else []))
+    assert r.returncode == moco.PREEMPTED and "stopped by a signal before the first step" in r.stderr, r.stderr
+    if resume:
+        after = snapshot(out)
+        assert {f: after[f] for f in before if f not in ("status", "metrics.jsonl", "args.json")} == \
+            {f: before[f] for f in before if f not in ("status", "metrics.jsonl", "args.json")}
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    else:
+        assert not os.path.exists(out / "ckpt.pt")
+
+
+def guarded(f):
+    """f() inside `except Exception`, as start-up code that reports any error and goes on."""
+    try:
+        f()
+    except Exception:
+        pass
 
 
 def test_a_final_knn_pass_cut_by_a_stop_runs_on_resume(tmp_path, image_folder, monkeypatch):
