@@ -608,8 +608,7 @@ def test_a_signal_in_start_up_code_that_catches_errors_still_ends_the_run(tmp_pa
         real = dim.load_data
         monkeypatch.setattr(dim, "load_data", lambda *a, **k: (guarded(signalled), real(*a, **k))[1])
         flags = DIM
-    r = in_process(mod.main, "--data", image_folder, "--out", tmp_path / "run", "--max-steps", 3, *flags,
-                   "--workers", 0)
+    r = in_process(mod.main, "--data", image_folder, "--out", tmp_path / "run", "--max-steps", 3, *flags)
     assert r.returncode == mod.PREEMPTED and "stopped by a signal before the first step" in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
@@ -619,7 +618,7 @@ def test_a_signal_while_the_first_batch_is_awaited_runs_no_step(tmp_path, image_
     """One process: a stop signal that arrives while the loader prepares the first batch (its workers starting: the
     longest wait of a start-up) ends the run before any step, exit 75, one line; a resumed run's checkpoint stays as
     it was. In this process: the signal is sent from inside the loader's first next()."""
-    out, argv = tmp_path / "run", ["--data", image_folder, "--out", tmp_path / "run", *MOCO[:-2], "--workers", 0]
+    out, argv = tmp_path / "run", ["--data", image_folder, "--out", tmp_path / "run", *MOCO]  # 2 loader workers
     if resume:
         in_process(moco.main, *argv, "--max-steps", 2, check=True)
         before = snapshot(out)
