@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in three stages, each one call of the device tool's `run` on a lent H100/H200 (python3 there is
-# Python 3.12 with torch 2.11 and torchvision; nvcc 13; 16 cores). A session has 15 minutes of device time in all,
+# Python 3.12 with torch 2.11 and torchvision; nvcc 13; 16 cores). One budget is 15 minutes of device time in all,
 # machine starts (a minute or more each) and idle warmth (about 30 s after each call) included; every call finds a
-# fresh machine, so each stage first builds moco_ext just in time. Stages 1 and 2 fit one session, in this order,
-# each followed by give_back; stage 3 is a later session's first call:
+# fresh machine, so each stage first builds moco_ext just in time. Stages 1 and 2 fit one budget, in this order,
+# each followed by give_back; stage 3 is the next budget's first call:
 #
 #   run(command="OUT=$OUT GPU_CHECK_REQUIRE_GPU=1 bash tests/gpu_check.sh 1", timeout_s=330)  # the kernels
 #   run(command="OUT=$OUT GPU_CHECK_REQUIRE_GPU=1 bash tests/gpu_check.sh 2", timeout_s=330)  # the scripts
