@@ -969,8 +969,9 @@ class UserError(Exception):
 
 
 class Preempted(BaseException):
-    """A stop signal ended the run after its checkpoint was written; main() exits with PREEMPTED. Raised by the
-    signal handler wherever the code is, so, as KeyboardInterrupt, not an Exception: no `except Exception` eats it."""
+    """A stop signal ended the run, after its checkpoint was written or before its first step; main() exits with
+    PREEMPTED. Raised by the signal handler wherever the code is, so, as KeyboardInterrupt, not an Exception: no
+    `except Exception` eats it."""
 
 
 # the stop signal received; the message to raise at once outside the steps (start-up, kNN monitor); what a failure
@@ -999,9 +1000,7 @@ class StopOnSignals:
         self.world, self.group, self.pending, self.now, self.before = world, group, None, False, None
 
     def __enter__(self):
-        if STOP["signal"] is not None and STOP["raise"] is not None:  # caught during start-up: no step runs
-            raise Preempted(STOP["raise"])
-        self.before, STOP["raise"] = STOP["raise"], None  # (one process: also while the first batch is awaited)
+        self.before, STOP["raise"] = STOP["raise"], None  # start-up's message, kept for the first batch
         return self
 
     def __exit__(self, *exc):
@@ -1570,9 +1569,11 @@ class Run:
         while pos < per_epoch and step < total and not stop.now:
             t0 = time.perf_counter()
             batch, idx = next(it)
-            if stop.before is not None and STOP["signal"] is not None and self.world == 1:  # no step has run
-                raise Preempted(stop.before)
-            stop.before, wait = None, wait + time.perf_counter() - t0
+            wait += time.perf_counter() - t0
+            if stop.before is not None:  # this run's first batch: a signal while it loaded leaves no step to save
+                if STOP["signal"] is not None and self.world == 1:
+                    raise Preempted(stop.before)
+                stop.before = None
             vals = step_fn(batch, idx)  # (len(metrics),), detached, on the device
             step, pos, seen, sums = step + 1, pos + 1, seen + 1, vals if sums is None else sums + vals
             if self.pending is not None:  # the step after a checkpoint: its loss decides whether it is kept

@@ -591,26 +591,28 @@ def test_a_signal_before_the_first_step_ends_the_run(tmp_path, image_folder):
 def test_a_signal_in_start_up_code_that_catches_errors_still_ends_the_run(tmp_path, image_folder, monkeypatch,
                                                                            script):
     """A stop signal that lands inside start-up code with an `except Exception` (here moco.py's extension probe, which
-    turns any error into "not available"; dim.py: loading the data, wrapped in one) is not taken for that code's error: the run
-    ends before its first step, exit 75, one line, no checkpoint. In this process: the signal is sent from inside
-    that code."""
-    mod = {"moco": moco, "dim": dim}[script]
+    turns any error into "not available"; dim.py: loading the data, wrapped in one) is not taken for that code's
+    error: the start-up goes no further, the run ends before its first step, exit 75, one line, no checkpoint. In
+    this process: the signal is sent from inside that code."""
+    mod, went_on = {"moco": moco, "dim": dim}[script], []
     def signalled(*a, **k):
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(1)  # the handler runs before this returns
         raise AssertionError("the signal did not stop the run")
-    if script == "moco":  # --fused auto imports moco_ext and asks it whether it can run here
+    if script == "moco":  # --fused auto imports moco_ext and asks it whether it can run here; the model comes next
         fake = type(sys)("moco_ext")
         fake.unusable_reason = signalled
         monkeypatch.setitem(sys.modules, "moco_ext", fake)
+        real = moco.build_model
+        monkeypatch.setattr(moco, "build_model", lambda *a, **k: (went_on.append(1), real(*a, **k))[1])
         flags = [*MOCO, "--fused", "auto"]
     else:  # any start-up code: the data set's loading
         real = dim.load_data
-        monkeypatch.setattr(dim, "load_data", lambda *a, **k: (guarded(signalled), real(*a, **k))[1])
+        monkeypatch.setattr(dim, "load_data", lambda *a, **k: (guarded(signalled), went_on.append(1), real(*a, **k))[2])
         flags = DIM
     r = in_process(mod.main, "--data", image_folder, "--out", tmp_path / "run", "--max-steps", 3, *flags)
     assert r.returncode == mod.PREEMPTED and "stopped by a signal before the first step" in r.stderr, r.stderr
-    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+    assert not went_on and not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
 @pytest.mark.parametrize("resume", [False, True])

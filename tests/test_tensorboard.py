@@ -22,13 +22,13 @@ def events(out):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def logged(out, numbers=True):
-    """{key: [(step, value)]} of OUT/metrics.jsonl; only the numbers (what TensorBoard gets) unless numbers=False."""
+def logged(out):
+    """{key: [(step, value)]} of OUT/metrics.jsonl's numbers (what TensorBoard gets; not --fused auto's word)."""
     got = {}
     for line in open(os.path.join(out, "metrics.jsonl")):
         m = json.loads(line)
         for k, v in m.items():
-            if k != "step" and (isinstance(v, (int, float)) or not numbers):
+            if k != "step" and isinstance(v, (int, float)):
                 got.setdefault(k, []).append((m["step"], v))
     return got
 
