@@ -812,6 +812,5 @@ def test_float_flags_beyond_float32_are_one_line(flag, tmp_path):
 def test_a_one_class_data_set_says_its_accuracy_means_nothing(tmp_path, image_folder):
     data = tmp_path / "data"
     shutil.copytree(os.path.join(image_folder, "class0"), data / "only")
-    r = in_process(moco.main, "--data", data, "--out", tmp_path / "run", "--max-steps", 1, *MOCO[:-2],
-                   "--knn-every", 1, "--workers", 0)
+    r = in_process(moco.main, "--data", data, "--out", tmp_path / "run", "--max-steps", 1, *MOCO, "--knn-every", 1)
     assert r.returncode == 0 and "the kNN bank has one class" in r.stdout, r.stdout + r.stderr
